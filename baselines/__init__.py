@@ -1,0 +1,1 @@
+"""Baseline defenses, one module each: `defend(model, data, *, seed, device, **hp) -> (model, diagnostics)`."""

@@ -1,0 +1,98 @@
+"""Model zoo: BackdoorBench's PreAct-ResNet18 (exact module names) and torchvision / timm models.
+
+Models take *normalised* input; normalisation lives in the data pipeline, never in the model
+(BackdoorBench convention, so BackdoorBench state_dicts load unchanged).
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class PreActBlock(nn.Module):
+    """BackdoorBench's PreActBlock: bn1 -> relu -> (shortcut) -> conv1 -> bn2 -> relu -> conv2 (+ shortcut).
+
+    Registration order bn1, conv1, bn2, conv2, shortcut matters: OTBR walks conv weights in this order
+    and CLP pairs every BatchNorm with the most recently registered conv (specs/defenses.md §0.1).
+    """
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(x))
+        shortcut = self.shortcut(out) if hasattr(self, "shortcut") else x
+        out = self.conv1(out)
+        out = self.conv2(F.relu(self.bn2(out)))
+        return out + shortcut
+
+
+class PreActResNet18(nn.Module):
+    """BackdoorBench PreAct-ResNet18: no BN after the stem, no final BN before pooling, bias-free convs.
+
+    `width` is the base channel count (64 in the paper); stages use width x (1, 2, 4, 8).
+    """
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+        planes = [width, 2 * width, 4 * width, 8 * width]
+        in_planes = width
+        for stage, (p, stride) in enumerate(zip(planes, (1, 2, 2, 2)), start=1):
+            blocks = [PreActBlock(in_planes, p, stride), PreActBlock(p, p, 1)]
+            setattr(self, f"layer{stage}", nn.Sequential(*blocks))
+            in_planes = p
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.linear = nn.Linear(8 * width, num_classes)
+
+    def forward(self, x):
+        out = self.conv1(x)
+        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        return self.linear(self.avgpool(out).flatten(1))
+
+
+def _replace_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
+    """Give a torchvision model a first conv with `in_channels` inputs (same geometry, fresh weights)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            new = nn.Conv2d(in_channels, module.out_channels, module.kernel_size, module.stride,
+                            module.padding, module.dilation, module.groups, module.bias is not None)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, new)
+            return model
+    raise ValueError("model has no Conv2d to adapt")
+
+
+TORCHVISION_MODELS = ("vgg19_bn", "resnet18", "efficientnet_b3", "mobilenet_v3_large")
+MODEL_NAMES = ("preactresnet18", *TORCHVISION_MODELS, "timm")
+
+
+def build_model(name: str, num_classes: int, in_channels: int = 3, width: int = 64,
+                timm_name: str | None = None, **timm_kwargs) -> nn.Module:
+    """Build a randomly initialised classifier; never downloads weights.
+
+    torchvision models are built exactly as BackdoorBench builds them (ImageNet definitions, no 32x32
+    adaptation, specs/attacks.md §5.2); `timm` serves any other architecture with pretrained=False.
+    """
+    if name == "preactresnet18":
+        return PreActResNet18(num_classes=num_classes, in_channels=in_channels, width=width)
+    if name in TORCHVISION_MODELS:
+        import torchvision.models as tvm
+
+        model = getattr(tvm, name)(weights=None, num_classes=num_classes)
+        return model if in_channels == 3 else _replace_first_conv(model, in_channels)
+    if name == "timm":
+        import timm
+
+        if not timm_name:
+            raise ValueError("model=timm needs model.timm_name=<a timm architecture, e.g. resnet18>")
+        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes,
+                                 in_chans=in_channels, **timm_kwargs)
+    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
