@@ -35,9 +35,10 @@ class Blended(Attack):
         self.pattern = torch.from_numpy(pattern.transpose(2, 0, 1).copy())  # C x H x W float32
 
     def apply_trigger(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        # float64 like numpy's uint8 * python-float promotion in BackdoorBench, then truncation
-        pattern = self.pattern.to(images.device, torch.float64)
-        blended = (1 - self.alpha) * images.to(torch.float64) + self.alpha * pattern
+        # numpy promotion as in BackdoorBench: alpha * K stays float32 (K is float32), (1 - alpha) * img is
+        # float64 (img is uint8), their sum float64; then clip and truncate
+        weighted_pattern = (self.alpha * self.pattern.to(images.device)).to(torch.float64)
+        blended = (1 - self.alpha) * images.to(torch.float64) + weighted_pattern
         return blended.clamp_(0, 255).to(torch.uint8)
 
     def state_dict(self) -> dict:
