@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -49,6 +50,12 @@ def add_success(df: pd.DataFrame) -> pd.DataFrame:
     return df
 
 
+def natural_key(text: str) -> tuple:
+    """Sort 'ratio=0.1' before 'ratio=0.15' (numbers compared as numbers)."""
+    return tuple((0, float(p), "") if re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", p) else (1, 0.0, p)
+                 for p in re.split(r"(-?\d+(?:\.\d+)?(?:e-?\d+)?)", text) if p)
+
+
 def defense_label(row) -> str:
     return row["defense"] if not row["variant"] else f"{row['defense']}[{row['variant']}]"
 
@@ -62,7 +69,7 @@ def result_tables(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
         column="none", acc=lambda d: d["ref_acc"], asr=lambda d: d["ref_asr"], ra=lambda d: d["ref_ra"])
     rank = {name: i for i, name in enumerate(DEFENSE_ORDER)}
     full = pd.concat([ref, df[df["defense"] != "none"]])
-    columns = sorted(full["column"].unique(), key=lambda c: (rank.get(c.split("[")[0], len(rank)), c))
+    columns = sorted(full["column"].unique(), key=lambda c: (rank.get(c.split("[")[0], len(rank)), natural_key(c)))
     wide = full.pivot_table(index=["dataset", "model", "attack"], columns="column", values=["acc", "asr"],
                             aggfunc="first")
     wide = wide.swaplevel(0, 1, axis=1).reindex(columns=pd.MultiIndex.from_product([columns, ["acc", "asr"]]))

@@ -52,3 +52,10 @@ def test_cli_rejects_a_dir_without_results(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert aggregate(tmp_path) is None
     assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_numeric_variants_sort_as_numbers(tmp_path):
+    for ratio in ("0.2", "0.15", "0.1", "0.05"):
+        fake_job(tmp_path, "badnet", "otbr", 85.0, 3.0, overrides=(f"defense.params.prune.ratio={ratio}",))
+    wide, summary = result_tables(load_records(tmp_path))
+    assert [c.split("=")[-1].rstrip("]") for c in summary.index] == ["0.05", "0.1", "0.15", "0.2"]
