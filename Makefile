@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 
 fashion-mnist:
 	@test -f $(FMNIST) || { echo "Installing Fashion-MNIST (Debian package dataset-fashion-mnist)"; \
-	  $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq dataset-fashion-mnist; }
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get update -qq && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; }
 
 quickstart: install fashion-mnist
 	$(PY) run.py -m $(QUICKSTART)

@@ -7,7 +7,7 @@ from experiments.aggregate import aggregate, load_records, main, result_tables
 
 
 def fake_job(root, attack, defense, acc, asr, ref=(90.0, 99.0), overrides=()):
-    job = root / f"attack={attack},defense={defense},{len(overrides)}"
+    job = root / f"attack={attack},defense={defense},{'_'.join(overrides)}"
     job.mkdir(parents=True)
     record = {"choices": {"dataset": "cifar10", "model": "preactresnet18", "attack": attack, "defense": defense},
               "overrides": [f"attack={attack}", f"defense={defense}", *overrides],

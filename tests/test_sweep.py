@@ -117,3 +117,10 @@ def test_a_fitting_checkpoint_is_defended_without_training(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     rec = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert rec["backdoor"]["source"] == "checkpoint" and not (tmp_path / "store" / "backdoor").exists()
+
+
+def test_wandb_logger_needs_no_network_or_account(tmp_path):
+    result = run_cli([*TINY, "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}", f"paths.store_dir={tmp_path / 'store'}"],
+                     env_extra={"WANDB_MODE": "disabled", "WANDB_API_KEY": ""})
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "run" / "metrics.json").exists()
