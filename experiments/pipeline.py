@@ -222,6 +222,7 @@ def run_defense(cfg, store: ArtifactStore, model, backdoor_info: dict, data, dev
         material = {"backdoor": backdoor_info["key"], "fn": cache["fn"], "params": stage_params, "seed": d["seed"]}
 
         def produce(tmp: Path) -> dict:
+            log.info("%s: computing %s (cached afterwards for this backdoored model)", d["name"], cache["fn"])
             start = time.perf_counter()
             torch.save(stage_fn(model, seed=d["seed"], device=device, **stage_params), tmp / "stage.pt")
             return {"seconds": time.perf_counter() - start}
