@@ -27,13 +27,14 @@ def load_records(sweep_dir: str | Path) -> pd.DataFrame:
     overrides that differ between jobs of the sweep other than dataset / model / attack / defense
     (e.g. defense.params.prune.ratio=0.1 in a gamma sweep)."""
     records = [(path, json.loads(path.read_text())) for path in sorted(Path(sweep_dir).rglob("metrics.json"))]
-    overrides = [dict(o.split("=", 1) for o in rec.get("overrides", []) if "=" in o) for _, rec in records]
-    keys = {k.lstrip("+~") for o in overrides for k in o if k.lstrip("+~") not in ROW_KEYS and not k.startswith("hydra")}
-    varying = sorted(k for k in keys if len({o.get(k, o.get("+" + k)) for o in overrides}) > 1)
+    overrides = [{k.lstrip("+~"): v for k, v in (o.split("=", 1) for o in rec.get("overrides", []) if "=" in o)}
+                 for _, rec in records]
+    keys = {k for o in overrides for k in o if k not in ROW_KEYS and not k.startswith("hydra")}
+    varying = sorted(k for k in keys if len({o.get(k) for o in overrides}) > 1)
     rows = []
     for (path, rec), ov in zip(records, overrides):
         ch = rec["choices"]
-        variant = ",".join(f"{k}={ov.get(k, ov.get('+' + k))}" for k in varying if ov.get(k, ov.get("+" + k)) is not None)
+        variant = ",".join(f"{k}={ov[k]}" for k in varying if k in ov)
         rows.append({"dataset": ch.get("dataset"), "model": ch.get("model"), "attack": ch.get("attack"),
                      "defense": rec["defense"]["name"], "variant": variant,
                      "acc": rec["metrics"]["acc"], "asr": rec["metrics"]["asr"], "ra": rec["metrics"]["ra"],

@@ -1,5 +1,4 @@
 """Every config in conf/ composes; presets set what they promise; unknown choices are one-line errors."""
-from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir

@@ -17,7 +17,7 @@ def metrics_files(root: Path):
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("sweep")
-    defenses = ",".join(d for d in ("none", "clp", "otbr") if (Path("conf/defense") / f"{d}.yaml").exists())
+    defenses = "none,clp,otbr"
     result = run_cli(["-m", *TINY, "attack=badnet,blended", f"defense={defenses}",
                       f"hydra.sweep.dir={root / 'multirun'}", f"paths.store_dir={root / 'store'}"])
     assert result.returncode == 0, result.stderr[-3000:]

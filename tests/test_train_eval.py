@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from core.data import DatasetSpec, ImageSet, normalize, random_crop_flip
+from core.data import DatasetSpec, normalize, random_crop_flip
 from core.datasets import make_synthetic
 from core.evaluate import accuracy, backdoor_metrics
 from core.models import build_model
