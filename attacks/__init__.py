@@ -1,1 +1,1 @@
-"""Backdoor attacks, one module each behind the `Attack` interface in attacks/base.py (DESIGN.md §3)."""
+"""Backdoor attacks, one module each behind the `Attack` interface in attacks/base.py."""

@@ -1,4 +1,4 @@
-"""BadNets (Gu et al. 2019) as BackdoorBench runs it (specs/attacks.md §3.1).
+"""BadNets (Gu et al. 2019) as BackdoorBench runs it (docs/methods/attacks.md).
 
 Trigger: a 3x3 white square at the bottom-right corner of a 32x32 image; at other resolutions the 32x32
 trigger image is resized (PIL bilinear) like BackdoorBench does for Tiny-ImageNet. Stamping replaces
@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from attacks.base import Attack, load_pattern_image, pil_resize
-from core.data import DatasetSpec
+from bdcore.data import DatasetSpec
 
 
 def white_square_trigger(size: int = 32, square: int = 3) -> np.ndarray:
@@ -23,8 +23,9 @@ def white_square_trigger(size: int = 32, square: int = 3) -> np.ndarray:
 
 class BadNet(Attack):
     def __init__(self, spec: DatasetSpec, target: int = 0, poison_ratio: float = 0.1,
-                 label_transform: str = "all2one", pattern_path: str | None = None):
-        super().__init__(spec, target, poison_ratio, label_transform)
+                 label_transform: str = "all2one", pattern_path: str | None = None,
+                 train_overrides: dict | None = None):
+        super().__init__(spec, target, poison_ratio, label_transform, train_overrides)
         if pattern_path:
             pattern = load_pattern_image(pattern_path, spec)
         else:

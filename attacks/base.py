@@ -1,17 +1,19 @@
-"""The attack interface shared by every attack (DESIGN.md §3) and BackdoorBench's poisoning rules
-(specs/attacks.md §1.4, §2)."""
+"""The attack interface shared by every attack (docs/interfaces.md) and BackdoorBench's poisoning rules:
+which indices are poisoned, how labels change, and which test images form bd_test."""
 from __future__ import annotations
 
+import copy
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
-from core.data import DatasetSpec, ImageSet
-from core.train import TrainingHooks
+from bdcore.data import DatasetSpec, ImageSet
+from bdcore.train import TrainingHooks, TrainSettings
 
 
 class AttackConfigError(ValueError):
@@ -39,15 +41,33 @@ class BackdoorTestSet:
         return len(self.true_labels)
 
 
+class AttackResources(Protocol):
+    """What the pipeline offers an attack that must generate a resource before it can poison (LF's universal
+    perturbation, TrojanNN's trigger, SSBA's encoder). Implemented by experiments/ on the artifact store, so
+    attacks/ never touches files; tests pass a small in-memory fake."""
+
+    device: torch.device
+
+    def cached(self, name: str, material: dict, produce: Callable[[], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """`produce()` once per (name, material, data set, seed); later calls load the stored tensors."""
+
+    def clean_model(self) -> torch.nn.Module:
+        """A clean model of the job's architecture, trained on the clean training set with the job's schedule,
+        once per (dataset, model, train, seed) and shared by every attack that asks (LF, TrojanNN)."""
+
+
 class Attack(ABC):
     """A backdoor attack built from its config.
 
-    Subclasses implement `apply_trigger`; data-poisoning attacks need nothing else. Attacks that control
-    training override `training_hooks`.
+    Subclasses implement `apply_trigger`; data-poisoning attacks need nothing else. Attacks that generate a
+    resource override `prepare`; attacks that control training override `training_hooks`, and
+    `train_overrides` (a config key) changes the schedule they train with (e.g. WaNet's constant lr).
+    `state_dict()` holds only tensors and plain containers: it is stored beside the model and loaded with
+    torch.load(weights_only=True).
     """
 
     def __init__(self, spec: DatasetSpec, target: int = 0, poison_ratio: float = 0.1,
-                 label_transform: str = "all2one"):
+                 label_transform: str = "all2one", train_overrides: dict | None = None):
         if not 0.0 < float(poison_ratio) <= 1.0:
             raise AttackConfigError(f"attack.poison_ratio={poison_ratio} is outside (0, 1]; "
                                     "use e.g. attack.poison_ratio=0.1")
@@ -60,26 +80,31 @@ class Attack(ABC):
         self.target = int(target)
         self.poison_ratio = float(poison_ratio)
         self.label_transform = label_transform
+        self.train_overrides = dict(train_overrides or {})
+        unknown = set(self.train_overrides) - set(TrainSettings.__dataclass_fields__)
+        if unknown:
+            raise AttackConfigError(f"attack.train_overrides has unknown keys {sorted(unknown)}; use keys of "
+                                    "the train group, e.g. scheduler")
 
     @abstractmethod
     def apply_trigger(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         """Stamp the trigger on uint8 images (N, C, H, W); returns new uint8 images."""
 
     def backdoor_labels(self, labels: torch.Tensor) -> torch.Tensor:
-        """all2one: every label becomes the target; all2all: y -> (y + 1) mod K (specs/attacks.md §2.1)."""
+        """all2one: every label becomes the target; all2all: y -> (y + 1) mod K."""
         if self.label_transform == "all2one":
             return torch.full_like(labels, self.target)
         return (labels + 1) % self.spec.num_classes
 
     def poison_indices(self, num_samples: int, seed: int) -> torch.Tensor:
         """round(ratio * N) indices drawn uniformly from all N, target class included, exactly as
-        BackdoorBench's first numpy draw after fix_random(seed) (specs/attacks.md §1.4)."""
+        BackdoorBench's first numpy draw after fix_random(seed)."""
         count = round(self.poison_ratio * num_samples)
         rng = np.random.RandomState(seed)
         return torch.from_numpy(rng.choice(np.arange(num_samples), count, replace=False)).long()
 
     def poison_train(self, train: ImageSet, seed: int) -> PoisonedSet:
-        """Trigger baked into a copy before any augmentation (specs/attacks.md §2.3)."""
+        """Trigger baked into a copy before any augmentation (BackdoorBench caches poisoned images)."""
         idx = self.poison_indices(len(train), seed)
         images, labels = train.images.clone(), train.labels.clone()
         images[idx] = self.apply_trigger(images[idx], labels[idx])
@@ -87,11 +112,18 @@ class Attack(ABC):
         return PoisonedSet(ImageSet(images, labels), idx)
 
     def bd_test(self, test: ImageSet) -> BackdoorTestSet:
-        """all2one: every non-target test image, triggered; the target class is excluded (§2.1)."""
+        """all2one: every non-target test image, triggered; the target class is excluded."""
         keep = torch.arange(len(test)) if self.label_transform == "all2all" else \
             torch.nonzero(test.labels != self.target).flatten()
         true = test.labels[keep]
         return BackdoorTestSet(self.apply_trigger(test.images[keep], true), self.backdoor_labels(true), true, keep)
+
+    def prepare(self, train: ImageSet, resources: AttackResources) -> None:
+        """Generate what poisoning needs (called once, before `poison_train`); most attacks need nothing."""
+
+    def training_settings(self, settings: TrainSettings) -> TrainSettings:
+        """The schedule the backdoored model trains with: the train group's, with `train_overrides` applied."""
+        return replace(settings, **self.train_overrides) if self.train_overrides else settings
 
     def training_hooks(self, model: torch.nn.Module, device: torch.device) -> TrainingHooks | None:
         """Data-poisoning attacks do not touch training."""
@@ -103,6 +135,12 @@ class Attack(ABC):
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+    def restored(self, state: dict) -> "Attack":
+        """A copy of this attack with a stored state (the one the backdoored model was trained with)."""
+        attack = copy.copy(self)
+        attack.load_state_dict(state)
+        return attack
 
 
 def load_pattern_image(path: str | Path, spec: DatasetSpec) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Blended (Chen et al. 2017) as BackdoorBench runs it (specs/attacks.md §3.2):
+"""Blended (Chen et al. 2017) as BackdoorBench runs it (docs/methods/attacks.md):
 out = (1 - alpha) * img + alpha * K, then clip and truncate to uint8, alpha = 0.2 for train and test.
 
 K is read from `pattern_path` (e.g. BackdoorBench's hello_kitty.jpeg) and resized like BackdoorBench
@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from attacks.base import Attack, AttackConfigError, load_pattern_image, pil_resize
-from core.data import DatasetSpec
+from bdcore.data import DatasetSpec
 
 
 def builtin_blend_pattern(seed: int = 0, size: int = 32) -> Image.Image:
@@ -23,8 +23,9 @@ def builtin_blend_pattern(seed: int = 0, size: int = 32) -> Image.Image:
 
 class Blended(Attack):
     def __init__(self, spec: DatasetSpec, target: int = 0, poison_ratio: float = 0.1,
-                 label_transform: str = "all2one", alpha: float = 0.2, pattern_path: str | None = None):
-        super().__init__(spec, target, poison_ratio, label_transform)
+                 label_transform: str = "all2one", alpha: float = 0.2, pattern_path: str | None = None,
+                 train_overrides: dict | None = None):
+        super().__init__(spec, target, poison_ratio, label_transform, train_overrides)
         if not 0.0 <= float(alpha) <= 1.0:
             raise AttackConfigError(f"attack.alpha={alpha} is outside [0, 1]; BackdoorBench uses 0.2")
         self.alpha = float(alpha)

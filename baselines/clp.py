@@ -38,6 +38,8 @@ import torch
 import torch.fx
 import torch.nn as nn
 
+from baselines.base import defense
+
 PAIRINGS = ("published", "fixed")
 
 
@@ -241,11 +243,12 @@ def _finite_or_none(value: float) -> float | None:
 # Defense entry point
 # --------------------------------------------------------------------------------------------------
 
+@defense(data_free=True)
 def defend(model: nn.Module, data=None, *, seed: int = 0, device=None, u: float = 3.0,
            pairing: str = "published") -> tuple[nn.Module, dict]:
     """CLP, data-free: prune Lipschitz-outlier channels of a deep copy of ``model``.
 
-    ``data``, ``seed`` and ``device`` are accepted for the shared defense interface (DESIGN.md §3)
+    ``data``, ``seed`` and ``device`` are accepted for the shared defense interface (baselines/base.py)
     and ignored: CLP uses no data, is deterministic, and computes the bounds on CPU like the
     original. The input model is not modified; the returned copy stays on the model's device and
     is in eval mode.

@@ -12,8 +12,8 @@ import torch
 
 import otbr
 from baselines import clp
-from core.device import select_device
-from core.models import build_model
+from bdcore.device import select_device
+from bdcore.models import build_model
 
 PAPER_SECONDS = {"otbr_stage1": 1.96, "otbr_stage2": 1.16, "clp": 8.04}
 

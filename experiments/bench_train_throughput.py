@@ -11,10 +11,10 @@ import time
 import torch
 import torch.nn as nn
 
-from core.data import DatasetSpec, ImageSet, normalize
-from core.device import select_device
-from core.models import build_model
-from core.train import TrainSettings, train_model
+from bdcore.data import DatasetSpec, ImageSet, normalize
+from bdcore.device import select_device
+from bdcore.models import build_model
+from bdcore.train import TrainSettings, train_model
 
 
 def bare_loop(model, images, labels, spec, batch_size, device) -> float:
@@ -64,7 +64,7 @@ def main() -> None:
     print(f"device {device}, PreAct-ResNet18 width {args.width}, input {c}x{h}x{w}, batch {args.batch_size}, "
           f"{args.batches} batches, best of {args.repeats} alternating runs")
     print(f"bare forward/backward loop : {bare:8.1f} img/s")
-    print(f"core.train.train_model     : {ours:8.1f} img/s (shuffle + on-device crop/flip + normalise + metrics)")
+    print(f"bdcore.train.train_model    : {ours:8.1f} img/s (shuffle + on-device crop/flip + normalise + metrics)")
     print(f"ratio (ours / bare)        : {ours / bare:8.3f}")
 
 

@@ -21,12 +21,12 @@ from hydra.utils import get_method, instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
 from attacks.base import AttackConfigError
-from core.data import DefenseData, ImageSet, random_crop_flip
-from core.datasets import DatasetMissingError, load_dataset
-from core.device import select_device
-from core.evaluate import backdoor_metrics
-from core.models import build_model
-from core.train import TrainSettings, train_model
+from bdcore.data import DefenseData, ImageSet, random_crop_flip
+from bdcore.datasets import DatasetMissingError, load_dataset
+from bdcore.device import select_device
+from bdcore.evaluate import backdoor_metrics
+from bdcore.models import build_model
+from bdcore.train import TrainSettings, train_model
 from experiments.store import ArtifactStore, config_key, file_sha256
 
 log = logging.getLogger(__name__)

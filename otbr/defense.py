@@ -6,13 +6,14 @@ Stage 2: OT-based fusion of the pruned model into the backdoored one (Eq. 3-4, A
 from __future__ import annotations
 
 import copy
-import math
 import time
 from collections.abc import Callable
 
 import numpy as np
 import torch
 import torch.nn as nn
+
+from bdcore.io import device_of, jsonable
 
 from .fusion import ot_fusion
 from .nwc import unlearning_neuron_weight_changes
@@ -22,30 +23,6 @@ from .pruning import prune_filters, select_filters_to_prune
 DEFAULT_PRUNE = {"ratio": 0.05}
 DEFAULT_FUSION = {"mode": "ot", "lambda_": 0.5, "target_dist": "nwc", "cost_on": "raw",
                   "source_support": "all", "num_itermax": 100000}
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
-
-
-def _jsonable(value):
-    """Plain JSON types only (str/int/float/bool/None, lists, str-keyed dicts); non-finite floats -> None."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, torch.Tensor):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if value is None or isinstance(value, (str, int, bool)):
-        return value
-    return str(value)
 
 
 def nwc_statistics(nwcs: dict[str, torch.Tensor]) -> dict:
@@ -72,7 +49,7 @@ def defend(model: nn.Module, data=None, *, seed: int = 0, device=None, unlearn: 
     The defended model is returned on the model's original device; work happens on ``device``.
     """
     del data  # data-free
-    original_device = _device_of(model)
+    original_device = device_of(model)
     device = torch.device(device) if device is not None else original_device
     backdoored = model if device == original_device else copy.deepcopy(model).to(device)
     prune = {**DEFAULT_PRUNE, **(prune or {})}
@@ -115,4 +92,4 @@ def defend(model: nn.Module, data=None, *, seed: int = 0, device=None, unlearn: 
         "stage2_fusion_seconds": fusion_seconds,
         "pruned_metrics": pruned_metrics,
     }
-    return fused.to(original_device).eval(), _jsonable(diagnostics)
+    return fused.to(original_device).eval(), jsonable(diagnostics)

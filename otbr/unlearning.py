@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from bdcore.io import device_of
+
 LABEL_RANGES = ("official", "paper")
 BN_MODES = ("train", "eval")
 
@@ -37,11 +39,6 @@ def label_upper_bound(num_classes: int, labels: str = "official", num_labels: in
         raise ValueError(f"random labels need at least one class, got upper bound {high} "
                          f"for {num_classes} classes; set unlearn.num_labels >= 1")
     return high
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    parameter = next(model.parameters(), None)
-    return parameter.device if parameter is not None else torch.device("cpu")
 
 
 def _check_noise_channels(model: nn.Module, noise_shape) -> None:
@@ -70,7 +67,7 @@ def random_unlearning(model: nn.Module, *, steps: int = 20, batch_size: int = 25
     """
     if bn_mode not in BN_MODES:
         raise ValueError(f"unlearn.bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
-    device = torch.device(device) if device is not None else _model_device(model)
+    device = torch.device(device) if device is not None else device_of(model)
     unlearned = copy.deepcopy(model).to(device)
     optimizer = torch.optim.SGD(unlearned.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     unlearned.train(bn_mode == "train")

@@ -18,14 +18,14 @@ def _offline(monkeypatch):
 
 @pytest.fixture
 def cifar_spec():
-    from core.data import DatasetSpec
+    from bdcore.data import DatasetSpec
 
     return DatasetSpec("cifar10", 10, 3, 32, 32, (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261), hflip=True)
 
 
 @pytest.fixture
 def gray_spec():
-    from core.data import DatasetSpec
+    from bdcore.data import DatasetSpec
 
     return DatasetSpec("fashion_mnist", 10, 1, 28, 28, (0.286,), (0.353,))
 

@@ -7,7 +7,7 @@ from attacks.badnet import BadNet
 from attacks.base import AttackConfigError
 from attacks.blended import Blended
 from conftest import SHARED_BB
-from core.data import ImageSet
+from bdcore.data import ImageSet
 
 
 def random_set(n, spec, seed=0):

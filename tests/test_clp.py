@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from baselines.clp import (channel_lipschitz_upper_bounds, conv_bn_pairs, defend,
                            lipschitz_outlier_channels)
-from core.models import build_model
+from bdcore.models import build_model
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Data set loaders (core/datasets.py) on tiny generated layouts; never touches the network."""
+"""Data set loaders (bdcore/datasets) on tiny generated layouts; never touches the network."""
 from __future__ import annotations
 
 import gzip
@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-import core.datasets as D
-from core.data import DatasetSpec, ImageSet
-from core.datasets import (DATASET_NAMES, DatasetMissingError, dataset_spec, load_dataset,
+import bdcore.datasets as D
+from bdcore.data import DatasetSpec, ImageSet
+from bdcore.datasets import (DATASET_NAMES, DatasetMissingError, dataset_spec, load_dataset,
                            make_synthetic, read_idx)
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")

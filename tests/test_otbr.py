@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import otbr
-from core.models import build_model
+from bdcore.models import build_model
 
 
 # --------------------------------------------------------------------------------------------------

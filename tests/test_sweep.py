@@ -97,7 +97,7 @@ def test_missing_dataset_names_how_to_get_it(tmp_path):
 
 
 def test_checkpoint_that_does_not_fit_the_architecture(tmp_path):
-    from core.models import build_model
+    from bdcore.models import build_model
 
     ckpt = tmp_path / "wider.pt"
     torch.save(build_model("preactresnet18", 4, 3, width=8).state_dict(), ckpt)
@@ -108,7 +108,7 @@ def test_checkpoint_that_does_not_fit_the_architecture(tmp_path):
 
 
 def test_a_fitting_checkpoint_is_defended_without_training(tmp_path):
-    from core.models import build_model
+    from bdcore.models import build_model
 
     ckpt = tmp_path / "bb_record.pt"
     torch.save({"model": build_model("preactresnet18", 4, 3, width=4).state_dict(), "model_name": "preactresnet18"}, ckpt)

@@ -2,11 +2,11 @@
 import torch
 import torch.nn as nn
 
-from core.data import DatasetSpec, normalize, random_crop_flip
-from core.datasets import make_synthetic
-from core.evaluate import accuracy, backdoor_metrics
-from core.models import build_model
-from core.train import TrainSettings, train_model
+from bdcore.data import DatasetSpec, normalize, random_crop_flip
+from bdcore.datasets import make_synthetic
+from bdcore.evaluate import accuracy, backdoor_metrics
+from bdcore.models import build_model
+from bdcore.train import TrainSettings, train_model
 
 SPEC = DatasetSpec("synthetic", 4, 3, 32, 32, (0.5,) * 3, (0.25,) * 3)
 CPU = torch.device("cpu")

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from core.data import DatasetSpec, ImageSet, normalize
+from bdcore.data import DatasetSpec, ImageSet, normalize
 
 
 @torch.no_grad()

@@ -1,4 +1,4 @@
-"""In-memory image sets and batched on-device augmentation (DESIGN.md §4).
+"""In-memory image sets and batched on-device augmentation (docs/architecture.md, "Data").
 
 Images live as uint8 N x C x H x W tensors; the order on a sample is
 trigger (pixel space) -> augmentation -> float/255 -> normalisation -> model.
@@ -6,6 +6,7 @@ trigger (pixel space) -> augmentation -> float/255 -> normalisation -> model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -21,7 +22,7 @@ class DatasetSpec:
     width: int
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    hflip: bool = False  # BackdoorBench flips only CIFAR-10 (specs/attacks.md §6.3)
+    hflip: bool = False  # BackdoorBench flips only CIFAR-10
     crop_padding: int = 4
 
     @property
@@ -86,10 +87,18 @@ def random_crop_flip(images: torch.Tensor, spec: DatasetSpec, generator: torch.G
 
 @dataclass
 class DefenseData:
-    """What a data-dependent defense receives (DESIGN.md §3); data-free defenses receive None."""
+    """What a data-dependent defense receives (baselines/base.py); data-free defenses receive None.
 
-    clean: ImageSet                      # the defender's clean subset (uint8)
+    `clean` is the defender's budget, drawn from the *clean* training set; `clean_indices` say where it came
+    from (tests assert a defense reads nothing else). `validation` is a held-out part of the budget for
+    defenses that select a threshold or an epoch under `selection_split: validation`; `evaluate` (test-set
+    ACC/ASR/RA) is given only under the published `selection_split: test`.
+    """
+
+    clean: ImageSet
     spec: DatasetSpec
-    augment: object = None               # callable(uint8 batch, generator) -> uint8 batch
-    apply_trigger: object = None         # the attack's trigger function (only Grad-Prune may use it)
-    evaluate: object = None              # callable(model) -> metrics; only under selection_split: test
+    clean_indices: torch.Tensor | None = None
+    validation: ImageSet | None = None
+    augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
+    apply_trigger: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
+    evaluate: Callable[[torch.nn.Module], dict] | None = None

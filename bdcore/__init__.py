@@ -1,4 +1,4 @@
 """Torch-only building blocks shared by attacks, baselines and experiments (DESIGN.md §2).
 
-Nothing in core/ knows about Hydra, run folders or the artifact store.
+Nothing in bdcore/ knows about Hydra, run folders or the artifact store.
 """

@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from core.data import DatasetSpec, ImageSet, normalize, random_crop_flip
+from bdcore.data import DatasetSpec, ImageSet, normalize, random_crop_flip
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ class TrainSettings:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     scheduler: str = "cosine"  # cosine | plateau | multistep | constant
-    t_max: int = 100  # BackdoorBench hard-codes 100 whatever the epochs (DESIGN.md §6)
+    t_max: int = 100  # BackdoorBench hard-codes 100 whatever the epochs (docs/methods/training.md)
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
     amp: bool = True  # only takes effect on CUDA
@@ -41,14 +41,22 @@ class TrainSettings:
 
 @dataclass
 class TrainingHooks:
-    """Extension points for attacks that control training.
+    """Extension points for attacks that control training and for defenses that fine-tune with extra terms.
 
-    batch_transform(x, y, epoch) -> (x, y): called on each normalised, augmented batch.
+    batch_transform(x, y, epoch) -> (x, y): called on each normalised, augmented batch (batch-level
+        poisoning: WaNet, Input-aware, BPP).
+    extra_loss(model, x, y, logits, epoch) -> scalar tensor: added to the cross-entropy (NAD's attention
+        distillation, Input-aware's diversity term).
+    before_optimizer_step(model, recompute_loss): called after the backward pass, before the optimizer
+        steps; `recompute_loss()` runs forward + backward again on the same batch at the current weights and
+        returns the loss (FT-SAM's ascent step: perturb, recompute, restore).
     extra_optimizers: stepped (and zeroed) together with the classifier's optimizer.
     on_epoch_end(epoch): called after the scheduler step of each epoch.
     """
 
     batch_transform: Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]] | None = None
+    extra_loss: Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor, int], torch.Tensor] | None = None
+    before_optimizer_step: Callable[[nn.Module, Callable[[], torch.Tensor]], None] | None = None
     extra_optimizers: list[torch.optim.Optimizer] = field(default_factory=list)
     on_epoch_end: Callable[[int], None] | None = None
 
@@ -109,13 +117,22 @@ def train_model(model: nn.Module, data: ImageSet, spec: DatasetSpec, settings: T
                 x, y = hooks.batch_transform(x, y, epoch)
             if cuda:
                 x = x.contiguous(memory_format=torch.channels_last)
-            with torch.autocast(device.type, enabled=cuda and settings.amp):
-                logits = model(x)
-                loss = criterion(logits, y)
+
+            def forward_backward():
+                with torch.autocast(device.type, enabled=cuda and settings.amp):
+                    out = model(x)
+                    total = criterion(out, y)
+                    if hooks.extra_loss is not None:
+                        total = total + hooks.extra_loss(model, x, y, out, epoch)
+                scaler.scale(total).backward()
+                return out, total
+
             optimizer.zero_grad(set_to_none=True)
             for extra in hooks.extra_optimizers:
                 extra.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            logits, loss = forward_backward()
+            if hooks.before_optimizer_step is not None:
+                hooks.before_optimizer_step(model, lambda: forward_backward()[1])
             scaler.step(optimizer)
             for extra in hooks.extra_optimizers:
                 scaler.step(extra)
