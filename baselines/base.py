@@ -36,13 +36,15 @@ class DefenseTraits:
     data_free: bool                          # True: receives data=None and never needs a budget
     cached_stage: CachedStage | None = None
     wants_evaluator: bool = False            # receives evaluate=callable(model) -> metrics, for report-only numbers
+    validate: Callable[..., None] | None = None  # validate(**hyper_parameters) raises ValueError before any work
 
 
-def defense(*, data_free: bool, cached_stage: CachedStage | None = None,
-            wants_evaluator: bool = False) -> Callable[[Callable], Callable]:
+def defense(*, data_free: bool, cached_stage: CachedStage | None = None, wants_evaluator: bool = False,
+            validate: Callable[..., None] | None = None) -> Callable[[Callable], Callable]:
     """Declare a function a defense. Returns a wrapper carrying `.traits`; the wrapped function is unchanged,
     so a module outside baselines/ (otbr/) needs no import of ours to be registered."""
-    traits = DefenseTraits(data_free=data_free, cached_stage=cached_stage, wants_evaluator=wants_evaluator)
+    traits = DefenseTraits(data_free=data_free, cached_stage=cached_stage, wants_evaluator=wants_evaluator,
+                           validate=validate)
 
     def register(fn: Callable) -> Callable:
         @functools.wraps(fn)

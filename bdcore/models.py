@@ -13,7 +13,7 @@ class PreActBlock(nn.Module):
     """BackdoorBench's PreActBlock: bn1 -> relu -> (shortcut) -> conv1 -> bn2 -> relu -> conv2 (+ shortcut).
 
     Registration order bn1, conv1, bn2, conv2, shortcut matters: OTBR walks conv weights in this order
-    and CLP pairs every BatchNorm with the most recently registered conv (specs/defenses.md §0.1).
+    and CLP pairs every BatchNorm with the most recently registered conv (baselines/clp.py, otbr/layers.py).
     """
 
     def __init__(self, in_planes: int, planes: int, stride: int = 1):
@@ -41,6 +41,8 @@ class PreActResNet18(nn.Module):
 
     def __init__(self, num_classes: int = 10, in_channels: int = 3, width: int = 64):
         super().__init__()
+        if int(width) < 1:
+            raise ValueError(f"model.width={width} must be >= 1; e.g. model.width=16")
         self.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
         planes = [width, 2 * width, 4 * width, 8 * width]
         in_planes = width
@@ -71,28 +73,25 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
 
 
 TORCHVISION_MODELS = ("vgg19_bn", "resnet18", "efficientnet_b3", "mobilenet_v3_large")
-MODEL_NAMES = ("preactresnet18", *TORCHVISION_MODELS, "timm")
 
 
-def build_model(name: str, num_classes: int, in_channels: int = 3, width: int = 64,
-                timm_name: str | None = None, **timm_kwargs) -> nn.Module:
-    """Build a randomly initialised classifier; never downloads weights.
+def torchvision_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+    """A torchvision classifier, randomly initialised, built exactly as BackdoorBench builds it (ImageNet
+    definitions, no 32x32 adaptation); other input channel counts get a fresh first conv."""
+    import torchvision.models as tvm
 
-    torchvision models are built exactly as BackdoorBench builds them (ImageNet definitions, no 32x32
-    adaptation, specs/attacks.md §5.2); `timm` serves any other architecture with pretrained=False.
-    """
-    if name == "preactresnet18":
-        return PreActResNet18(num_classes=num_classes, in_channels=in_channels, width=width)
-    if name in TORCHVISION_MODELS:
-        import torchvision.models as tvm
+    if name not in TORCHVISION_MODELS:
+        raise ValueError(f"model.name={name!r} is not one of {', '.join(TORCHVISION_MODELS)}; for any other "
+                         "architecture use model=timm model.name=<timm name>")
+    model = getattr(tvm, name)(weights=None, num_classes=num_classes)
+    return model if in_channels == 3 else _replace_first_conv(model, in_channels)
 
-        model = getattr(tvm, name)(weights=None, num_classes=num_classes)
-        return model if in_channels == 3 else _replace_first_conv(model, in_channels)
-    if name == "timm":
-        import timm
 
-        if not timm_name:
-            raise ValueError("model=timm needs model.timm_name=<a timm architecture, e.g. resnet18>")
-        return timm.create_model(timm_name, pretrained=False, num_classes=num_classes,
-                                 in_chans=in_channels, **timm_kwargs)
-    raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")
+def timm_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
+    """Any timm architecture, randomly initialised; pretrained weights are never downloaded."""
+    import timm
+
+    if not timm.is_model(name):
+        raise ValueError(f"model.name={name!r} is not a timm architecture; e.g. model.name=resnet18 "
+                         "(timm.list_models() lists them)")
+    return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=in_channels, **kwargs)

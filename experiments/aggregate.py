@@ -1,10 +1,15 @@
-"""Result tables from the metrics.json files of a sweep (the paper's Table-1 layout).
+"""Result tables from the metrics.json (and failed.json) files of one or more sweep directories.
 
-    python -m experiments.aggregate <sweep dir> [--out DIR]
+    python -m experiments.aggregate <sweep dir> [<sweep dir> ...] [--out DIR]
 
-Rows: dataset / attack. Columns: defense x (ACC, ASR), "none" first. A defense succeeds when its ACC drop
-is < 10 points (absolute) and its ASR < 20 %, both strict (OTBR paper, Evaluation Metrics; checked against
-every count of its Table 1, specs/defenses.md §0.4). Writes results.md and results.csv.
+* results.csv is long-format: one row per job, a column per varied setting (numbers stay numbers), ACC /
+  ASR / RA, the no-defense reference, the pruned model's ACC / ASR (OTBR), timings, the success flag.
+* results.md: rows dataset / model / attack (+ any varied setting of the backdoored model, e.g. precision or
+  train.epochs), columns defense (+ its varied settings) x ACC / ASR as mean +- std over seeds. A sweep over
+  one defense parameter (e.g. OTBR's gamma) is shown as one row per value instead.
+* A defense succeeds when its ACC drop is < 10 points and its ASR < 20 % (both strict; the OTBR paper's rule,
+  docs/results.md). A cell whose no-defense ASR is < 20 % is marked "attack failed" and left out of the
+  success counts; a failed job is marked "failed" and never averaged in.
 """
 from __future__ import annotations
 
@@ -14,110 +19,209 @@ import re
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 DEFENSE_ORDER = ["none", "ft", "ftsam", "fp", "nad", "anp", "ibau", "rnp", "gradprune", "clp", "otbr"]
-ROW_KEYS = {"dataset", "attack", "defense", "experiment", "model"}
+MODEL_KEYS = ["dataset", "model", "attack"]
+NOT_SETTINGS = {"dataset", "model", "attack", "defense", "seed", "experiment", "progress", "device", "threads",
+                "logger", "paths.store_dir", "paths.data_dir", "hydra.sweep.dir", "hydra.run.dir"}
 SUCCESS_MAX_ACC_DROP = 10.0
 SUCCESS_MAX_ASR = 20.0
+ATTACK_MIN_ASR = 20.0
 
 
-def load_records(sweep_dir: str | Path) -> pd.DataFrame:
-    """One row per job: choices, metrics, the same model's no-defense metrics, and the variant: the
-    overrides that differ between jobs of the sweep other than dataset / model / attack / defense
-    (e.g. defense.params.prune.ratio=0.1 in a gamma sweep)."""
-    records = [(path, json.loads(path.read_text())) for path in sorted(Path(sweep_dir).rglob("metrics.json"))]
-    overrides = [{k.lstrip("+~"): v for k, v in (o.split("=", 1) for o in rec.get("overrides", []) if "=" in o)}
-                 for _, rec in records]
-    keys = {k for o in overrides for k in o if k not in ROW_KEYS and not k.startswith("hydra")}
-    varying = sorted(k for k in keys if len({o.get(k) for o in overrides}) > 1)
+def parse_value(text: str):
+    """'0.1' -> 0.1, '20' -> 20, 'true' -> True; anything else stays a string."""
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    if re.fullmatch(r"-?(\d+\.\d*|\.\d+|\d+)(e-?\d+)?", text):
+        return float(text)
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def overrides_of(record: dict) -> dict:
+    return {k.lstrip("+~"): v for k, v in (o.split("=", 1) for o in record.get("overrides", []) if "=" in o)}
+
+
+def job_row(path: Path, record: dict, status: str) -> dict:
+    ch = record.get("choices", {})
+    ov = overrides_of(record)
+    config = record.get("config", {})
+    row = {"dataset": ch.get("dataset"), "model": ch.get("model"), "attack": ch.get("attack"),
+           "defense": ch.get("defense") or record.get("defense", {}).get("name"),
+           "seed": parse_value(str(ov.get("seed", config.get("seed", 0)))), "status": status, "job": path.parent.name,
+           "_overrides": ov}
+    if status == "finished":
+        m, ref = record["metrics"], record["reference_metrics"]
+        row.update(acc=m["acc"], asr=m["asr"], ra=m["ra"], ref_acc=ref["acc"], ref_asr=ref["asr"], ref_ra=ref["ra"])
+        pruned = (record.get("diagnostics") or {}).get("pruned_metrics") or {}
+        row.update(pruned_acc=pruned.get("acc"), pruned_asr=pruned.get("asr"))
+        t, b = record.get("timings", {}), record.get("backdoor", {})
+        row.update(train_seconds=b.get("train_seconds"), defense_seconds=t.get("defense_seconds"),
+                   total_seconds=t.get("total_seconds"), precision=record.get("environment", {}).get("precision"),
+                   threads=record.get("environment", {}).get("threads"))
+    else:
+        row.update(reason=record.get("reason"), failed_stage=record.get("stage"))
+    return row
+
+
+def load_records(*sweep_dirs: str | Path) -> pd.DataFrame:
+    """One row per job (finished or failed), with a column per setting that varies between the jobs."""
     rows = []
-    for (path, rec), ov in zip(records, overrides):
-        ch = rec["choices"]
-        variant = ",".join(f"{k}={ov[k]}" for k in varying if k in ov)
-        rows.append({"dataset": ch.get("dataset"), "model": ch.get("model"), "attack": ch.get("attack"),
-                     "defense": rec["defense"]["name"], "variant": variant,
-                     "acc": rec["metrics"]["acc"], "asr": rec["metrics"]["asr"], "ra": rec["metrics"]["ra"],
-                     "ref_acc": rec["reference_metrics"]["acc"], "ref_asr": rec["reference_metrics"]["asr"],
-                     "ref_ra": rec["reference_metrics"]["ra"], "job": str(path.parent)})
-    return pd.DataFrame(rows)
+    for sweep_dir in sweep_dirs:
+        for path in sorted(Path(sweep_dir).rglob("metrics.json")):
+            rows.append(job_row(path, json.loads(path.read_text()), "finished"))
+        for path in sorted(Path(sweep_dir).rglob("failed.json")):
+            if not (path.parent / "metrics.json").exists():
+                rows.append(job_row(path, json.loads(path.read_text()), "failed"))
+    if not rows:
+        return pd.DataFrame()
+    keys = sorted({k for r in rows for k in r["_overrides"] if k not in NOT_SETTINGS and not k.startswith("hydra")})
+    varying = [k for k in keys if len({r["_overrides"].get(k) for r in rows}) > 1]
+    for r in rows:
+        ov = r.pop("_overrides")
+        for k in varying:
+            r[k] = parse_value(ov[k]) if k in ov else None
+    df = pd.DataFrame(rows)
+    df.attrs["settings"] = varying
+    return add_success(df)
 
 
 def add_success(df: pd.DataFrame) -> pd.DataFrame:
     df = df.copy()
+    for col in ("acc", "asr", "ra", "ref_acc", "ref_asr", "ref_ra"):
+        if col not in df:
+            df[col] = np.nan
     df["acc_drop"] = df["ref_acc"] - df["acc"]
     df["asr_drop"] = df["ref_asr"] - df["asr"]
-    df["success"] = (df["acc_drop"] < SUCCESS_MAX_ACC_DROP) & (df["asr"] < SUCCESS_MAX_ASR)
+    df["attack_failed"] = df["ref_asr"] < ATTACK_MIN_ASR
+    df["success"] = (df["status"] == "finished") & (df["acc_drop"] < SUCCESS_MAX_ACC_DROP) & (df["asr"] < SUCCESS_MAX_ASR)
     return df
 
 
+def split_settings(df: pd.DataFrame) -> tuple[list[str], list[str]]:
+    """Varied settings of the backdoored model (row keys) and of the defense (column keys)."""
+    settings = df.attrs.get("settings", [])
+    return [s for s in settings if not s.startswith("defense.")], [s for s in settings if s.startswith("defense.")]
+
+
+def column_label(row, defense_keys) -> str:
+    parts = [f"{k.removeprefix('defense.')}={row[k]}" for k in defense_keys if row.get(k) is not None]
+    return row["defense"] if not parts else f"{row['defense']}[{','.join(parts)}]"
+
+
+def mean_std(values: pd.Series) -> str:
+    values = values.dropna()
+    if values.empty:
+        return ""
+    return f"{values.mean():.2f}" if len(values) == 1 else f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+
+
 def natural_key(text: str) -> tuple:
-    """Sort 'ratio=0.1' before 'ratio=0.15' (numbers compared as numbers)."""
     return tuple((0, float(p), "") if re.fullmatch(r"-?\d+(\.\d+)?(e-?\d+)?", p) else (1, 0.0, p)
-                 for p in re.split(r"(-?\d+(?:\.\d+)?(?:e-?\d+)?)", text) if p)
-
-
-def defense_label(row) -> str:
-    return row["defense"] if not row["variant"] else f"{row['defense']}[{row['variant']}]"
+                 for p in re.split(r"(-?\d+(?:\.\d+)?(?:e-?\d+)?)", str(text)) if p)
 
 
 def result_tables(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(wide ACC/ASR table, per-defense summary with success counts and average drops)."""
-    df = add_success(df)
-    df["column"] = df.apply(defense_label, axis=1)
-    # "none" comes from the reference metrics of every row's backdoored model, so it is always present
-    ref = df.drop_duplicates(["dataset", "model", "attack"]).assign(
-        column="none", acc=lambda d: d["ref_acc"], asr=lambda d: d["ref_asr"], ra=lambda d: d["ref_ra"])
+    """(wide table of strings: rows model cells, columns defense x ACC/ASR, mean +- std over seeds;
+    per-defense summary: successes, jobs, average ACC / ASR drops; attack-failed and failed jobs left out)."""
+    model_keys, defense_keys = split_settings(df)
+    rows = MODEL_KEYS + model_keys
+    df = df.assign(column=[column_label(r, defense_keys) for _, r in df.iterrows()])
+    finished = df[df["status"] == "finished"]
+    # "none" is every job's reference: the same backdoored model's no-defense metrics, once per seed
+    reference = finished.drop_duplicates(rows + ["seed"]).assign(column="none", acc=lambda d: d["ref_acc"],
+                                                                 asr=lambda d: d["ref_asr"])
+    full = pd.concat([reference, df[df["defense"] != "none"]])
     rank = {name: i for i, name in enumerate(DEFENSE_ORDER)}
-    full = pd.concat([ref, df[df["defense"] != "none"]])
     columns = sorted(full["column"].unique(), key=lambda c: (rank.get(c.split("[")[0], len(rank)), natural_key(c)))
-    wide = full.pivot_table(index=["dataset", "model", "attack"], columns="column", values=["acc", "asr"],
-                            aggfunc="first")
-    wide = wide.swaplevel(0, 1, axis=1).reindex(columns=pd.MultiIndex.from_product([columns, ["acc", "asr"]]))
-    defended = df[df["defense"] != "none"]
-    summary = defended.groupby("column").agg(successes=("success", "sum"), cells=("success", "size"),
-                                             avg_acc_drop=("acc_drop", "mean"), avg_asr_drop=("asr_drop", "mean"))
+    cells = {}
+    for key, group in full.groupby(rows + ["column"], dropna=False, sort=False):
+        ok = group[group["status"] == "finished"]
+        failed = (group["status"] == "failed").sum()
+        for metric in ("acc", "asr"):
+            text = mean_std(ok[metric])
+            if failed:
+                text = f"{text} ({failed} failed)" if text else "failed"
+            cells[(key[:-1], (key[-1], metric))] = text
+    index = sorted({k for k, _ in cells}, key=lambda k: tuple(natural_key(v) for v in k))
+    wide = pd.DataFrame(index=pd.MultiIndex.from_tuples(index, names=rows),
+                        columns=pd.MultiIndex.from_product([columns, ["acc", "asr"]]), dtype=object).fillna("")
+    for (r, c), text in cells.items():
+        wide.loc[r, c] = text
+    attack_failed = finished.groupby(rows)["attack_failed"].any()
+    for r, bad in attack_failed.items():
+        if bad:
+            r = r if isinstance(r, tuple) else (r,)
+            wide.loc[r, ("none", "asr")] = f"{wide.loc[r, ('none', 'asr')]} (attack failed)"
+    counted = df[(df["defense"] != "none") & (df["status"] == "finished") & ~df["attack_failed"]]
+    summary = counted.groupby("column").agg(successes=("success", "sum"), jobs=("success", "size"),
+                                            avg_acc_drop=("acc_drop", "mean"), avg_asr_drop=("asr_drop", "mean"))
     summary = summary.reindex([c for c in columns if c in summary.index])
     return wide, summary
+
+
+def one_parameter_view(df: pd.DataFrame) -> str | None:
+    """A sweep over one defense parameter of one defense: one row per value (e.g. OTBR's gamma)."""
+    model_keys, defense_keys = split_settings(df)
+    defended = df[df["defense"] != "none"]
+    if len(defense_keys) != 1 or model_keys or defended["defense"].nunique() != 1:
+        return None
+    key = defense_keys[0]
+    table = defended.groupby(MODEL_KEYS + [key], dropna=False).agg(
+        acc=("acc", mean_std), asr=("asr", mean_std), ra=("ra", mean_std), pruned_acc=("pruned_acc", mean_std),
+        pruned_asr=("pruned_asr", mean_std), successes=("success", "sum"), jobs=("success", "size"))
+    table = table.reset_index().sort_values(key, key=lambda s: s.map(natural_key))
+    return table.rename(columns={key: key.removeprefix("defense.")}).to_markdown(index=False)
 
 
 def render_markdown(wide: pd.DataFrame, summary: pd.DataFrame, df: pd.DataFrame) -> str:
     flat = wide.copy()
     flat.columns = [f"{d} {m.upper()}" for d, m in flat.columns]
-    flat = flat.map(lambda v: "" if pd.isna(v) else f"{v:.2f}")
-    lines = [flat.reset_index().to_markdown(index=False), "",
-             "Success = ACC drop < 10 points and ASR < 20 % (both strict).", ""]
+    seeds = df.groupby(MODEL_KEYS)["seed"].nunique().max()
+    lines = [flat.reset_index().to_markdown(index=False), ""]
+    if seeds > 1:
+        lines += [f"Mean ± std over {seeds} seeds.", ""]
+    lines += ["Success = ACC drop < 10 points and ASR < 20 % (both strict); attack-failed cells "
+              "(no-defense ASR < 20 %) and failed jobs are not counted.", ""]
     if len(summary):
-        lines.append(summary.reset_index().rename(columns={"column": "defense"})
-                     .to_markdown(index=False, floatfmt=".2f"))
+        lines.append(summary.reset_index().rename(columns={"column": "defense"}).to_markdown(index=False, floatfmt=".2f"))
+    sweep = one_parameter_view(df)
+    if sweep:
+        lines += ["", sweep]
+    precisions = sorted(str(p) for p in df.get("precision", pd.Series(dtype=object)).dropna().unique())
+    threads = sorted(str(t) for t in df.get("threads", pd.Series(dtype=object)).dropna().unique())
+    if precisions or threads:
+        lines += ["", f"Precision: {', '.join(precisions) or 'n/a'}; CPU threads: {', '.join(threads) or 'n/a'}."]
     return "\n".join(lines) + "\n"
 
 
-def aggregate(sweep_dir: str | Path, out_dir: str | Path | None = None) -> str | None:
-    df = load_records(sweep_dir)
+def aggregate(*sweep_dirs: str | Path, out_dir: str | Path | None = None) -> str | None:
+    df = load_records(*sweep_dirs)
     if df.empty:
         return None
     wide, summary = result_tables(df)
     text = render_markdown(wide, summary, df)
-    out = Path(out_dir or sweep_dir)
+    out = Path(out_dir or sweep_dirs[0])
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.md").write_text(text)
-    add_success(df).drop(columns=["job"]).to_csv(out / "results.csv", index=False, float_format="%.4f")
+    df.drop(columns=["job"]).to_csv(out / "results.csv", index=False, float_format="%.4f")
     return text
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir")
-    parser.add_argument("--out", default=None, help="where to write results.md / results.csv (default: sweep dir)")
+    parser.add_argument("sweep_dirs", nargs="+")
+    parser.add_argument("--out", default=None, help="where to write results.md / results.csv (default: first sweep dir)")
     args = parser.parse_args(argv)
-    if not Path(args.sweep_dir).is_dir():
-        print(f"aggregate: {args.sweep_dir} is not a directory; give a Hydra sweep dir (multirun/<date>/<time>)",
-              file=sys.stderr)
-        return 2
-    text = aggregate(args.sweep_dir, args.out)
+    for d in args.sweep_dirs:
+        if not Path(d).is_dir():
+            print(f"aggregate: {d} is not a directory; give a Hydra sweep dir (multirun/<date>/<time>)", file=sys.stderr)
+            return 2
+    text = aggregate(*args.sweep_dirs, out_dir=args.out)
     if text is None:
-        print(f"aggregate: no metrics.json under {args.sweep_dir}; did the sweep finish?", file=sys.stderr)
+        print(f"aggregate: no metrics.json under {' '.join(args.sweep_dirs)}; did the sweep finish?", file=sys.stderr)
         return 2
     print(text)
     return 0

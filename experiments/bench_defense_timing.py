@@ -13,7 +13,7 @@ import torch
 import otbr
 from baselines import clp
 from bdcore.device import select_device
-from bdcore.models import build_model
+from bdcore.models import PreActResNet18, torchvision_model
 
 PAPER_SECONDS = {"otbr_stage1": 1.96, "otbr_stage2": 1.16, "clp": 8.04}
 
@@ -26,7 +26,7 @@ def main() -> None:
     args = parser.parse_args()
     device = select_device()
     torch.manual_seed(0)
-    model = build_model("preactresnet18", 10, 3, width=args.width).to(device).eval()
+    model = PreActResNet18(10, 3, width=args.width).to(device).eval()
 
     start = time.perf_counter()
     nwcs = otbr.unlearning_neuron_weight_changes(model, seed=0, device=device,

@@ -1,56 +1,39 @@
-"""One job: data -> attack -> backdoored model (trained once, from the store) -> defense -> metrics.json.
+"""One job: config -> objects -> backdoored model (trained once, from the store) -> defense -> metrics.json.
 
-This is the only place where Hydra configs meet the torch-only packages (DESIGN.md §1).
+This and run.py are the only places where Hydra configs meet the torch-only packages (docs/architecture.md).
+A job either writes metrics.json (its result) or failed.json (the stage and the reason) into its own
+directory; a sweep goes on after a failed job, and rerunning a sweep skips the jobs that finished.
 """
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
 import platform
-import random
 import subprocess
 import time
+import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import get_method, instantiate, to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
-from attacks.base import AttackConfigError
-from bdcore.data import DefenseData, ImageSet, random_crop_flip
-from bdcore.datasets import DatasetMissingError, load_dataset
+from bdcore.data import DefenseData, random_crop_flip
 from bdcore.device import select_device
-from bdcore.evaluate import backdoor_metrics
-from bdcore.models import build_model
-from bdcore.train import TrainSettings, train_model
+from bdcore.io import jsonable, write_json_atomic
+from bdcore.precision import capabilities, resolve_precision
+from experiments import build as B
+from experiments import stages as S
+from experiments.build import UserError, plain
+from experiments.resources import StoreResources
 from experiments.store import ArtifactStore, config_key, file_sha256
 
 log = logging.getLogger(__name__)
 
-
-class UserError(RuntimeError):
-    """A problem the user can fix; run.py prints its one-line message and exits with status 2."""
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def plain(node) -> dict:
-    return OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else dict(node or {})
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+METRICS, FAILED = "metrics.json", "failed.json"
+# settings that never change a result: a rerun that differs only in these is the same job
+NOT_RESULT_KEYS = ("progress", "device", "threads", "logger", "paths")
 
 
 def git_revision() -> str | None:
@@ -61,256 +44,222 @@ def git_revision() -> str | None:
         return None
 
 
-def load_data(cfg: DictConfig):
-    ds = plain(cfg.dataset)
-    extra = {}
-    if ds["name"] == "synthetic":
-        extra = {k: ds[k] for k in ("num_classes", "channels", "size", "train_per_class", "test_per_class")}
-        extra["seed"] = ds["synthetic_seed"]
-    try:
-        train, test, spec = load_dataset(ds["name"], to_absolute_path(cfg.paths.data_dir), download=ds["download"],
-                                         fashion_mnist_dir=cfg.paths.fashion_mnist_dir, **extra)
-    except DatasetMissingError as err:
-        raise UserError(str(err)) from None
-    if ds.get("train_size"):
-        if not 0 < ds["train_size"] <= len(train):
-            raise UserError(f"dataset.train_size={ds['train_size']} but {spec.name} has {len(train)} training "
-                            "images; pick a smaller value or null")
-        keep = torch.randperm(len(train), generator=torch.Generator().manual_seed(cfg.seed))[:ds["train_size"]]
-        train = train.subset(keep.sort().values)
-    return train, test, spec
+def result_config(cfg: DictConfig) -> dict:
+    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_RESULT_KEYS}
 
 
-def build_attack(cfg: DictConfig, spec):
-    node = {k: v for k, v in plain(cfg.attack).items() if k != "name"}
-    if node.get("pattern_path"):
-        node["pattern_path"] = to_absolute_path(node["pattern_path"])
-    try:
-        return instantiate(node, spec=spec)
-    except AttackConfigError as err:
-        raise UserError(str(err)) from None
-    except Exception as err:  # Hydra wraps constructor errors; surface ours as one line
-        cause = err.__cause__ or err
-        if isinstance(cause, AttackConfigError):
-            raise UserError(str(cause)) from None
-        raise
+def set_threads(cfg: DictConfig, device: torch.device) -> int:
+    """Intra-op threads: `threads`, else the usable cores divided by the launcher's parallel jobs."""
+    if cfg.threads is not None:
+        threads = int(cfg.threads)
+        if threads < 1:
+            raise UserError(f"threads={cfg.threads} must be >= 1 (or null for cores / parallel jobs)")
+    else:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        launcher = HydraConfig.get().launcher
+        parallel = int(launcher.get("n_jobs", 1) or 1) if "n_jobs" in launcher else 1
+        threads = max(1, cores // max(1, parallel))
+    torch.set_num_threads(threads)
+    return threads
 
 
-def backdoor_key_material(cfg: DictConfig) -> dict:
-    """The resolved upstream config: everything that can change the backdoored model, nothing that cannot
-    (paths, device, logging). Pattern files count by their bytes."""
+def backdoor_material(cfg: DictConfig, data: B.Data, precision: str, threads: int, device) -> dict:
+    """Everything that can change the backdoored model, nothing that cannot (paths, device kind, logging).
+    Pattern files count by their bytes; CPU results depend on the thread count, so it counts on CPUs."""
     attack = plain(cfg.attack)
     if attack.get("pattern_path"):
-        attack["pattern_path"] = file_sha256(to_absolute_path(attack["pattern_path"]))
-    dataset = {k: v for k, v in plain(cfg.dataset).items() if k != "download"}
-    return {"dataset": dataset, "model": plain(cfg.model), "attack": attack,
-            "train": plain(cfg.train), "seed": cfg.seed}
+        attack["pattern_path"] = file_sha256(attack["pattern_path"])
+    material = {"dataset": {"_target_": cfg.dataset._target_, **B.dataset_identity(cfg, data.source)},
+                "model": plain(cfg.model), "attack": attack, "train": plain(cfg.train), "seed": cfg.seed,
+                "precision": precision}
+    if device.type == "cpu":
+        material["cpu_threads"] = threads
+    return material
 
 
-def make_model(cfg: DictConfig, spec) -> torch.nn.Module:
-    m = plain(cfg.model)
-    return build_model(m["name"], spec.num_classes, in_channels=spec.channels, width=m.get("width", 64),
-                       timm_name=m.get("timm_name"))
-
-
-def load_checkpoint_into(model: torch.nn.Module, path: str, cfg: DictConfig) -> None:
-    """Accepts a bare state_dict or a BackdoorBench attack_result.pt ({'model': state_dict, ...})."""
-    if not Path(path).is_file():
-        raise UserError(f"backdoor_checkpoint={path} does not exist; give a state_dict file or null to train one")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    if isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]
-    if not isinstance(state, dict):
-        raise UserError(f"backdoor_checkpoint={path} holds no state_dict; save one with torch.save(model.state_dict())")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as err:
-        first = next((ln.strip() for ln in str(err).splitlines()[1:] if ln.strip()), str(err).splitlines()[0])
-        raise UserError(f"backdoor_checkpoint={path} does not fit model={cfg.model.name} "
-                        f"({sum(1 for _ in model.state_dict())} tensors): {first[:160]}; "
-                        "choose the model/dataset it was trained with") from None
-
-
-def warn_if_cpu_full_size(cfg, device, n_train: int) -> None:
-    images = n_train * cfg.train.epochs
-    if device.type == "cpu" and images > 2_000_000:
-        width = cfg.model.get("width", 64)
-        rate = 38.0 * (64 / width) ** 1.5 if cfg.model.name == "preactresnet18" else 38.0
-        log.warning("This is a full-size training (%d images x %d epochs) on a CPU: about %.1f hours at "
-                    "~%.0f img/s. For a CPU demo use experiment=quickstart.", n_train, cfg.train.epochs,
-                    images / rate / 3600, rate)
-
-
-def clean_budget(cfg: DictConfig, train: ImageSet, seed: int) -> ImageSet | None:
-    """The defender's clean data, drawn from the *clean* training set (specs/defenses.md §0.3)."""
-    b = plain(cfg.budget)
-    if b["kind"] == "none":
+def previous_result(out_dir: Path, cfg: DictConfig) -> dict | None:
+    """The job's metrics.json if it finished with this config; refuses to overwrite another config's result."""
+    path = out_dir / METRICS
+    if not path.exists():
         return None
-    if b["kind"] == "ratio":
-        if not 0 < b["ratio"] <= 1:
-            raise UserError(f"budget.ratio={b['ratio']} is outside (0, 1]; use e.g. budget.ratio=0.05")
-        return train.subset(sorted(random.Random(seed).sample(range(len(train)), int(len(train) * b["ratio"]))))
-    if b["kind"] == "spc":
-        rng = np.random.RandomState(seed)
-        picks = []
-        for c in torch.unique(train.labels).tolist():
-            members = torch.nonzero(train.labels == c).flatten().numpy()
-            if b["spc"] > len(members):
-                raise UserError(f"budget.spc={b['spc']} but class {c} has only {len(members)} images")
-            picks.extend(rng.choice(members, b["spc"], replace=False).tolist())
-        return train.subset(sorted(picks))
-    raise UserError(f"budget.kind={b['kind']!r}; use ratio, spc or none")
-
-
-# ---------------------------------------------------------------------------------------------- stages
-def backdoored_model(cfg, store: ArtifactStore, attack, train: ImageSet, test: ImageSet, spec, device,
-                     evaluate) -> tuple[torch.nn.Module, dict]:
-    """Train the backdoored model once per upstream config; later jobs load it from the store."""
-    model = make_model(cfg, spec)
-    if cfg.backdoor_checkpoint:
-        load_checkpoint_into(model, to_absolute_path(cfg.backdoor_checkpoint), cfg)
-        model.to(device).eval()
-        return model, {"source": "checkpoint", "path": str(cfg.backdoor_checkpoint),
-                       "reference_metrics": evaluate(model)}
-    material = backdoor_key_material(cfg)
-    key = config_key(material)
-
-    def produce(tmp: Path) -> dict:
-        seed_everything(cfg.seed)
-        poisoned = attack.poison_train(train, cfg.seed)
-        fresh = make_model(cfg, spec)  # initialised right after seeding, so the init is reproducible
-        warn_if_cpu_full_size(cfg, device, len(train))
-        start = time.perf_counter()
-        history = train_model(fresh, poisoned.data, spec, TrainSettings(**plain(cfg.train)), device=device,
-                              seed=cfg.seed, hooks=attack.training_hooks(fresh, device),
-                              progress=cfg.progress, description=f"backdoor {cfg.attack.name}")
-        seconds = time.perf_counter() - start
-        torch.save({k: v.cpu() for k, v in fresh.state_dict().items()}, tmp / "model.pt")
-        torch.save(attack.state_dict(), tmp / "attack.pt")
-        torch.save(poisoned.poison_indices, tmp / "poison_indices.pt")
-        return {"train_seconds": seconds, "history": history, "poisoned": len(poisoned.poison_indices),
-                "train_size": len(train), "reference_metrics": evaluate(fresh)}
-
-    path, marker, created = store.get_or_create("backdoor", key, produce, description=material)
-    model.load_state_dict(torch.load(path / "model.pt", map_location="cpu"))
-    attack.load_state_dict(torch.load(path / "attack.pt", map_location="cpu", weights_only=False))
-    model.to(device).eval()
-    meta = marker["meta"]
-    info = {"source": "trained" if created else "store", "key": key, "poisoned": meta["poisoned"],
-            "train_size": meta["train_size"], "train_seconds": meta["train_seconds"],
-            "final_train_loss": meta["history"][-1]["loss"] if meta["history"] else None,
-            "train_images_per_second": float(np.mean([h["images_per_second"] for h in meta["history"]])),
-            "reference_metrics": meta["reference_metrics"]}
-    return model, info
-
-
-def run_defense(cfg, store: ArtifactStore, model, backdoor_info: dict, data, device, evaluate):
-    d = plain(cfg.defense)
     try:
-        fn = get_method(d["fn"])
-    except Exception as err:
-        raise UserError(f"defense.fn={d['fn']} cannot be imported ({err}); check conf/defense/{d['name']}.yaml") from None
-    params = dict(d.get("params") or {})
-    kwargs = {}
-    cache = d.get("cache_stage")
-    if cache and backdoor_info.get("key"):
-        # an expensive first stage that depends only on (model, a few params, seed): computed once per
-        # backdoored model and reused across sweeps of the later stages (e.g. OTBR's gamma / lambda)
-        stage_fn = get_method(cache["fn"])
-        stage_params = {p: params[p] for p in cache["params"]}
-        material = {"backdoor": backdoor_info["key"], "fn": cache["fn"], "params": stage_params, "seed": d["seed"]}
-
-        def produce(tmp: Path) -> dict:
-            log.info("%s: computing %s (cached afterwards for this backdoored model)", d["name"], cache["fn"])
-            start = time.perf_counter()
-            torch.save(stage_fn(model, seed=d["seed"], device=device, **stage_params), tmp / "stage.pt")
-            return {"seconds": time.perf_counter() - start}
-
-        path, marker, created = store.get_or_create("defense_stage", config_key(material), produce, material)
-        kwargs[cache["result_arg"]] = torch.load(path / "stage.pt", map_location="cpu", weights_only=False)
-        stage_info = {"cached_stage": cache["fn"], "cached_stage_source": "computed" if created else "store",
-                      "cached_stage_seconds": marker["meta"]["seconds"]}
-    else:
-        stage_info = {}
-    if "evaluate" in inspect.signature(fn).parameters:
-        kwargs["evaluate"] = evaluate  # report-only (e.g. OTBR's pruned model, Table 2 "no fusion")
-    start = time.perf_counter()
-    defended, diagnostics = fn(model, data, seed=d["seed"], device=device, **params, **kwargs)
-    diagnostics = {**stage_info, **(diagnostics or {})}
-    return defended, diagnostics, time.perf_counter() - start
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise UserError(f"{path} exists but is unreadable; move it away to rerun this job") from None
+    if result_config_of(record) != jsonable(result_config(cfg)):
+        raise UserError(f"{path} already holds results of a different config; choose a new hydra.sweep.dir / "
+                        "hydra.run.dir instead of overwriting them")
+    return record
 
 
-# ---------------------------------------------------------------------------------------------- the job
+def result_config_of(record: dict) -> dict:
+    return {k: v for k, v in record.get("config", {}).items() if k not in NOT_RESULT_KEYS}
+
+
 def run(cfg: DictConfig) -> dict:
-    t0 = time.perf_counter()
+    """Run one job and return its record; a failure writes failed.json and re-raises."""
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
-    metrics_path = out_dir / "metrics.json"
-    if metrics_path.exists():
-        raise UserError(f"{metrics_path} already holds results; choose a new hydra.sweep.dir / hydra.run.dir "
-                        "instead of overwriting them")
+    done = previous_result(out_dir, cfg)
+    if done is not None:
+        log.info("%s: already finished with this config, skipped (delete it to rerun)", out_dir / METRICS)
+        print(f"skipped (finished earlier): {out_dir.name}", flush=True)
+        return done
+    progress = {"stage": "setup"}
+    try:
+        record = run_stages(cfg, hc, progress)
+    except BaseException as err:
+        if isinstance(err, KeyboardInterrupt):
+            raise
+        out_dir.mkdir(parents=True, exist_ok=True)
+        user = isinstance(err, B.USER_ERRORS)
+        write_json_atomic(out_dir / FAILED, {
+            "stage": progress["stage"], "reason": str(err).strip().splitlines()[0] if str(err).strip() else
+            type(err).__name__, "kind": "user" if user else type(err).__name__,
+            "traceback": None if user else traceback.format_exc(), "overrides": list(hc.overrides.task),
+            "config": OmegaConf.to_container(cfg, resolve=True), "time": time.time()})
+        raise
+    write_json_atomic(out_dir / METRICS, record)
+    (out_dir / FAILED).unlink(missing_ok=True)  # an earlier failure of this job, now redone
+    return record
+
+
+def prepare(cfg: DictConfig, names: dict) -> dict:
+    """Build every object a job needs from its config, without reading data or training: a bad value fails
+    here, in one line, before any work (the data source knows its spec before loading)."""
+    defense = B.build_defense(cfg, names["defense"])
+    budget = None if defense.traits.data_free else B.build_budget(cfg)
+    settings = B.train_settings(cfg)
+    source = B.build_source(cfg)
+    attack = B.build_attack(cfg, source.spec)
+    make_model = B.model_factory(cfg, source.spec)
+    return {"defense": defense, "budget": budget, "settings": settings, "source": source, "attack": attack,
+            "make_model": make_model}
+
+
+def run_stages(cfg: DictConfig, hc, progress: dict) -> dict:
+    t0 = time.perf_counter()
+    choices = {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")}
+    names = {g: choices.get(g) for g in ("dataset", "model", "attack", "defense")}
     job_num = hc.job.get("num", 0) or 0
+
+    # ---- config -> objects, all checked before any data is read or any model trained
     device = select_device(cfg.device, job_num)
-    store = ArtifactStore(to_absolute_path(cfg.paths.store_dir))
+    precision = resolve_precision(str(cfg.precision), device)
+    threads = set_threads(cfg, device)
+    setup = prepare(cfg, names)
+    store = ArtifactStore(cfg.paths.store_dir)
+    defense, settings = setup["defense"], setup["settings"]
     timings = {}
 
+    progress["stage"] = "data"
     start = time.perf_counter()
-    train, test, spec = load_data(cfg)
-    attack = build_attack(cfg, spec)
+    data = B.load_data(setup["source"])
+    attack, make_model = setup["attack"], setup["make_model"]
+    if settings.batch_size > len(data.train) and not cfg.backdoor_checkpoint:
+        raise UserError(f"train.batch_size={settings.batch_size} is larger than the {len(data.train)} training "
+                        f"images; use e.g. train.batch_size={min(128, len(data.train))}")
     timings["data_seconds"] = time.perf_counter() - start
 
-    bd_test_cache = {}  # built on first use, from the attack's current state
-
-    def evaluate(m: torch.nn.Module) -> dict:
-        if "bd" not in bd_test_cache:
-            bd_test_cache["bd"] = attack.bd_test(test)
-        bd = bd_test_cache["bd"]
-        return backdoor_metrics(m, test, bd.images, bd.target_labels, bd.true_labels, spec, device=device)
-
+    # ---- the backdoored model and the attack state it was trained with
+    progress["stage"] = "backdoor"
     start = time.perf_counter()
-    model, backdoor_info = backdoored_model(cfg, store, attack, train, test, spec, device, evaluate)
+    if cfg.backdoor_checkpoint:
+        model = make_model()
+        S.load_checkpoint_into(model, str(cfg.backdoor_checkpoint), names["model"])
+        model.to(device).eval()
+        trained_attack, backdoor_key = attack, None
+        backdoor_info = {"source": "checkpoint", "path": str(cfg.backdoor_checkpoint),
+                         "sha256": file_sha256(cfg.backdoor_checkpoint)}
+    else:
+        material = backdoor_material(cfg, data, precision, threads, device)
+        backdoor_key = config_key(material)
+        clean_material = {k: material[k] for k in material if k != "attack"}
+        # a resource (LF pattern, TrojanNN trigger) is made against the clean model of this exact cell
+        resources = StoreResources(store, device, clean_material,
+                                   lambda: S.train_clean_model(store, clean_material, train=data.train,
+                                                               spec=data.spec, make_model=make_model,
+                                                               settings=settings, seed=cfg.seed, device=device,
+                                                               precision=precision, progress=cfg.progress))
+        model, state, meta, created = S.train_backdoored_model(
+            store, backdoor_key, material, attack=attack, train=data.train, spec=data.spec, make_model=make_model,
+            settings=settings, seed=cfg.seed, device=device, precision=precision, progress=cfg.progress,
+            resources=resources, description=f"backdoor {names['attack']}")
+        trained_attack = attack.restored(state)
+        history = meta["history"]
+        backdoor_info = {"source": "trained" if created else "store", "key": backdoor_key,
+                         "poisoned": meta["poisoned"], "train_size": meta["train_size"],
+                         "train_seconds": meta["train_seconds"], "resource_seconds": meta.get("resource_seconds"),
+                         "resources": resources.used,
+                         "final_train_loss": history[-1]["loss"] if history else None,
+                         "train_images_per_second": (sum(h["images_per_second"] for h in history) / len(history)
+                                                     if history else None)}
     timings["backdoor_seconds"] = time.perf_counter() - start
-    bd_test_cache.clear()  # the attack state may have been reloaded from the store: rebuild bd_test from it
 
-    data = None
-    if not cfg.defense.data_free:
-        clean = clean_budget(cfg, train, cfg.defense.seed)
-        data = DefenseData(clean=clean, spec=spec, augment=lambda x, g: random_crop_flip(x, spec, g),
-                           apply_trigger=attack.apply_trigger, evaluate=evaluate)
-    defended, diagnostics, timings["defense_seconds"] = run_defense(cfg, store, model, backdoor_info, data,
-                                                                    device, evaluate)
+    evaluate = S.Evaluator(trained_attack, data.test, data.spec, device, precision, store=store,
+                           context=backdoor_key)
+    progress["stage"] = "evaluate backdoored model"
     start = time.perf_counter()
-    reference = backdoor_info["reference_metrics"]
+    reference = evaluate(model)
+    timings["reference_evaluate_seconds"] = time.perf_counter() - start
+
+    # ---- the defense
+    progress["stage"] = "defense"
+    kwargs = {}
+    stage_info = {}
+    stage = defense.traits.cached_stage
+    if stage is not None and backdoor_key is not None:
+        kwargs[stage.result_arg], stage_info = S.cached_stage_result(
+            store, stage, backdoor_key, model, defense.hyper_parameters, defense.seed, device, defense.name)
+    if defense.traits.wants_evaluator:
+        kwargs["evaluate"] = evaluate
+    defense_data = None
+    if not defense.traits.data_free:
+        budget = setup["budget"]
+        indices = budget.indices(data.train.labels)
+        if indices is None:
+            raise UserError(f"defense={defense.name} needs clean data: use budget=ratio (the default) or budget=spc")
+        validation = getattr(budget, "validation_indices", lambda labels: None)(data.train.labels)
+        defense_data = DefenseData(
+            clean=data.train.subset(indices), spec=data.spec, clean_indices=indices,
+            validation=None if validation is None else data.train.subset(validation),
+            augment=lambda x, g: random_crop_flip(x, data.spec, g), apply_trigger=trained_attack.apply_trigger,
+            evaluate=evaluate, precision=precision)
+    start = time.perf_counter()
+    defended, diagnostics = defense.fn(model, defense_data, device=device, **kwargs)
+    timings["defense_seconds"] = time.perf_counter() - start
+
+    progress["stage"] = "evaluate defended model"
+    start = time.perf_counter()
     # a defense returns a new model (never edits its input); getting the same object back means "unchanged"
     metrics = dict(reference) if defended is model else evaluate(defended)
     timings["evaluate_seconds"] = time.perf_counter() - start
+    timings["evaluations_computed"] = evaluate.computed
     timings["total_seconds"] = time.perf_counter() - t0
 
     record = {
-        "choices": {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")},
+        "choices": choices,
         "overrides": list(hc.overrides.task),
         "metrics": metrics,
         "reference_metrics": reference,
-        "defense": {"name": cfg.defense.name, "params": plain(cfg.defense.params), "seed": cfg.defense.seed,
-                    "data_free": bool(cfg.defense.data_free),
-                    "budget": "none" if cfg.defense.data_free else plain(cfg.budget),
-                    "clean_samples": None if data is None else len(data.clean)},
-        "diagnostics": diagnostics,
+        "defense": {"name": defense.name, "hyper_parameters": defense.hyper_parameters, "seed": defense.seed,
+                    "data_free": defense.traits.data_free,
+                    "budget": None if defense.traits.data_free else plain(cfg.budget),
+                    "clean_samples": None if defense_data is None else len(defense_data.clean),
+                    "validation_samples": None if defense_data is None or defense_data.validation is None
+                    else len(defense_data.validation)},
+        "diagnostics": {**stage_info, **(diagnostics or {})},
         "backdoor": backdoor_info,
-        "dataset": {"name": spec.name, "train_size": len(train), "test_size": len(test)},
+        "dataset": {"name": data.spec.name, "train_size": len(data.train), "test_size": len(data.test)},
         "timings": timings,
-        "environment": {"device": str(device), "torch": torch.__version__, "python": platform.python_version(),
-                        "git": git_revision()},
+        "environment": {"device": str(device), "precision": precision, "precision_requested": str(cfg.precision),
+                        "capabilities": capabilities(device), "threads": threads, "torch": torch.__version__,
+                        "python": platform.python_version(), "git": git_revision()},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(metrics_path, record)
-    if cfg.logger.kind == "wandb":
-        from experiments.loggers import log_to_wandb
-
-        log_to_wandb(cfg, record, out_dir)
+    progress["stage"] = "log"
+    B.build(cfg.logger, "logger").log(record, Path(hc.runtime.output_dir))
     log.info("%s / %s / %s: ACC %.2f ASR %.2f RA %.2f (no defense: ACC %.2f ASR %.2f RA %.2f)",
-             spec.name, cfg.attack.name, cfg.defense.name, metrics["acc"], metrics["asr"], metrics["ra"],
+             data.spec.name, names["attack"], defense.name, metrics["acc"], metrics["asr"], metrics["ra"],
              reference["acc"], reference["asr"], reference["ra"])
     return record

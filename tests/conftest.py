@@ -1,12 +1,5 @@
-import os
-import sys
-from pathlib import Path
-
+"""Fixtures for every test. Shared helper functions live in tests/helpers.py."""
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-SHARED_BB = ROOT.parent / "shared" / "data" / "backdoorbench"
 
 
 @pytest.fixture(autouse=True)
@@ -18,9 +11,9 @@ def _offline(monkeypatch):
 
 @pytest.fixture
 def cifar_spec():
-    from bdcore.data import DatasetSpec
+    from bdcore.datasets import CIFAR10
 
-    return DatasetSpec("cifar10", 10, 3, 32, 32, (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261), hflip=True)
+    return CIFAR10.spec
 
 
 @pytest.fixture
@@ -28,12 +21,3 @@ def gray_spec():
     from bdcore.data import DatasetSpec
 
     return DatasetSpec("fashion_mnist", 10, 1, 28, 28, (0.286,), (0.353,))
-
-
-def run_cli(args, cwd=ROOT, env_extra=None, timeout=600):
-    """Run `python run.py ...` in a subprocess, as a user would."""
-    import subprocess
-
-    env = {**os.environ, "WANDB_MODE": "disabled", **(env_extra or {})}
-    return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)

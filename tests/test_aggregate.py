@@ -1,4 +1,5 @@
-"""Aggregation: Table-1 layout, the strict success rule, success counts and average drops."""
+"""Aggregation: Table-1 layout, the strict success rule, mean +- std over seeds, varied settings kept apart,
+attack-failed cells and failed jobs left out of the counts."""
 import json
 
 import pandas as pd
@@ -6,14 +7,20 @@ import pandas as pd
 from experiments.aggregate import aggregate, load_records, main, result_tables
 
 
-def fake_job(root, attack, defense, acc, asr, ref=(90.0, 99.0), overrides=()):
-    job = root / f"attack={attack},defense={defense},{'_'.join(overrides)}"
+def fake_job(root, attack, defense, acc, asr, ref=(90.0, 99.0), overrides=(), seed=0, failed=False):
+    ov = [f"attack={attack}", f"defense={defense}", *overrides] + ([f"seed={seed}"] if seed else [])
+    job = root / ",".join(sorted(ov))
     job.mkdir(parents=True)
-    record = {"choices": {"dataset": "cifar10", "model": "preactresnet18", "attack": attack, "defense": defense},
-              "overrides": [f"attack={attack}", f"defense={defense}", *overrides],
-              "defense": {"name": defense},
+    choices = {"dataset": "cifar10", "model": "preactresnet18", "attack": attack, "defense": defense}
+    if failed:
+        (job / "failed.json").write_text(json.dumps({"stage": "defense", "reason": "boom", "overrides": ov,
+                                                     "choices": choices, "config": {"seed": seed}}))
+        return
+    record = {"choices": choices, "overrides": ov, "defense": {"name": defense}, "config": {"seed": seed},
               "metrics": {"acc": acc, "asr": asr, "ra": 100 - asr},
-              "reference_metrics": {"acc": ref[0], "asr": ref[1], "ra": 1.0}}
+              "reference_metrics": {"acc": ref[0], "asr": ref[1], "ra": 1.0},
+              "diagnostics": {"pruned_metrics": {"acc": acc - 1, "asr": asr / 2, "ra": 0}},
+              "environment": {"precision": "fp32", "threads": 2}}
     (job / "metrics.json").write_text(json.dumps(record))
 
 
@@ -25,18 +32,62 @@ def test_success_rule_is_strict_on_both_inequalities(tmp_path):
     fake_job(tmp_path, "blended", "clp", 89.0, 1.0)      # success
     wide, summary = result_tables(load_records(tmp_path))
     assert summary.loc["otbr", "successes"] == 1 and summary.loc["clp", "successes"] == 1
-    assert summary.loc["otbr", "cells"] == 2
+    assert summary.loc["otbr", "jobs"] == 2
     assert abs(summary.loc["clp", "avg_acc_drop"] - (10.0 + 1.0) / 2) < 1e-9
     assert abs(summary.loc["otbr", "avg_asr_drop"] - ((99 - 19.99) + (99 - 20)) / 2) < 1e-9
     assert [c for c, _ in wide.columns][::2] == ["none", "clp", "otbr"]
-    assert wide.loc[("cifar10", "preactresnet18", "badnet"), ("none", "asr")] == 99.0
+    assert wide.loc[("cifar10", "preactresnet18", "badnet"), ("none", "asr")] == "99.00"
 
 
-def test_variants_get_their_own_columns(tmp_path):
-    fake_job(tmp_path, "badnet", "otbr", 85.0, 3.0, overrides=("defense.params.prune.ratio=0.1",))
-    fake_job(tmp_path, "badnet", "otbr", 88.0, 50.0)
+def test_defense_variants_get_their_own_columns_and_numeric_csv_columns(tmp_path):
+    fake_job(tmp_path, "badnet", "otbr", 85.0, 3.0, overrides=("defense.prune.ratio=0.1",))
+    fake_job(tmp_path, "badnet", "otbr", 88.0, 50.0, overrides=("defense.prune.ratio=0.05",))
+    df = load_records(tmp_path)
+    assert df["defense.prune.ratio"].tolist() == [0.05, 0.1]  # a number per job, not a "variant" string
+    wide, _ = result_tables(df)
+    assert {c for c, _ in wide.columns} == {"none", "otbr[prune.ratio=0.05]", "otbr[prune.ratio=0.1]"}
+
+
+def test_seeds_are_averaged_with_their_spread(tmp_path):
+    for seed, (acc, asr, ref_asr) in enumerate([(81.0, 2.0, 99.0), (83.0, 4.0, 97.0), (85.0, 6.0, 98.0)]):
+        fake_job(tmp_path, "badnet", "otbr", acc, asr, ref=(90.0, ref_asr), seed=seed)
+    df = load_records(tmp_path)
+    assert "seed" not in df.attrs["settings"]  # seeds are replicates, not a setting
+    wide, summary = result_tables(df)
+    row = ("cifar10", "preactresnet18", "badnet")
+    assert wide.loc[row, ("otbr", "acc")] == "83.00 ± 2.00" and wide.loc[row, ("otbr", "asr")] == "4.00 ± 2.00"
+    assert wide.loc[row, ("none", "asr")] == "98.00 ± 1.00"  # one reference per seed's model
+    assert summary.loc["otbr", "successes"] == 3 and summary.loc["otbr", "jobs"] == 3
+
+
+def test_model_settings_become_rows(tmp_path):
+    fake_job(tmp_path, "badnet", "otbr", 85.0, 3.0, overrides=("precision=fp32",))
+    fake_job(tmp_path, "badnet", "otbr", 84.0, 30.0, overrides=("precision=bf16",))
     wide, _ = result_tables(load_records(tmp_path))
-    assert {c for c, _ in wide.columns} == {"none", "otbr", "otbr[defense.params.prune.ratio=0.1]"}
+    assert list(wide.index.names) == ["dataset", "model", "attack", "precision"] and len(wide) == 2
+
+
+def test_attack_failed_cells_and_failed_jobs_are_not_counted(tmp_path):
+    fake_job(tmp_path, "badnet", "otbr", 89.0, 1.0, ref=(90.0, 6.0))     # the model was never backdoored
+    fake_job(tmp_path, "blended", "otbr", 89.0, 1.0)                      # a real success
+    fake_job(tmp_path, "blended", "clp", 0, 0, failed=True)               # a failed job
+    df = load_records(tmp_path)
+    wide, summary = result_tables(df)
+    assert "attack failed" in wide.loc[("cifar10", "preactresnet18", "badnet"), ("none", "asr")]
+    assert summary.loc["otbr", "jobs"] == 1 and summary.loc["otbr", "successes"] == 1
+    assert "clp" not in summary.index
+    assert wide.loc[("cifar10", "preactresnet18", "blended"), ("clp", "acc")] == "failed"
+
+
+def test_one_parameter_sweep_reads_as_rows(tmp_path):
+    for ratio in ("0.2", "0.15", "0.1", "0.05"):
+        fake_job(tmp_path, "badnet", "otbr", 85.0, 3.0, overrides=(f"defense.prune.ratio={ratio}",))
+    text = aggregate(tmp_path)
+    sweep = text[text.rindex("| dataset"):]
+    assert sweep.splitlines()[0].split("|")[4].strip() == "prune.ratio"
+    ratios = [line.split("|")[4].strip() for line in sweep.splitlines()[2:6]]
+    assert ratios == ["0.05", "0.1", "0.15", "0.2"]  # numbers sort as numbers
+    assert "pruned_asr" in sweep
 
 
 def test_cli_writes_markdown_and_csv(tmp_path, capsys):
@@ -45,6 +96,7 @@ def test_cli_writes_markdown_and_csv(tmp_path, capsys):
     assert "otbr ASR" in capsys.readouterr().out
     csv = pd.read_csv(tmp_path / "results.csv")
     assert csv.loc[0, "success"] == True  # noqa: E712
+    assert {"pruned_acc", "pruned_asr", "ra", "precision"} <= set(csv.columns)
     assert (tmp_path / "results.md").read_text().startswith("| dataset")
 
 
@@ -52,10 +104,3 @@ def test_cli_rejects_a_dir_without_results(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert aggregate(tmp_path) is None
     assert main([str(tmp_path / "missing")]) == 2
-
-
-def test_numeric_variants_sort_as_numbers(tmp_path):
-    for ratio in ("0.2", "0.15", "0.1", "0.05"):
-        fake_job(tmp_path, "badnet", "otbr", 85.0, 3.0, overrides=(f"defense.params.prune.ratio={ratio}",))
-    wide, summary = result_tables(load_records(tmp_path))
-    assert [c.split("=")[-1].rstrip("]") for c in summary.index] == ["0.05", "0.1", "0.15", "0.2"]

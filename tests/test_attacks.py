@@ -6,7 +6,7 @@ import torch
 from attacks.badnet import BadNet
 from attacks.base import AttackConfigError
 from attacks.blended import Blended
-from conftest import SHARED_BB
+from helpers import needs_backdoorbench_file
 from bdcore.data import ImageSet
 
 
@@ -25,9 +25,7 @@ def test_badnet_stamps_exactly_the_bottom_right_3x3_white_square(cifar_spec):
 
 
 def test_badnet_builtin_trigger_equals_backdoorbench_resource(cifar_spec):
-    png = SHARED_BB / "badnet__trigger_image.png"
-    if not png.exists():
-        pytest.skip("shared BackdoorBench resources not present")
+    png = needs_backdoorbench_file("badnet__trigger_image.png")
     assert torch.equal(BadNet(cifar_spec).pattern, BadNet(cifar_spec, pattern_path=str(png)).pattern)
 
 
@@ -86,9 +84,7 @@ def test_blended_pattern_is_deterministic_and_greyscale_on_one_channel(cifar_spe
 
 
 def test_blended_reads_any_image_file(cifar_spec):
-    jpeg = SHARED_BB / "blended__hello_kitty.jpeg"
-    if not jpeg.exists():
-        pytest.skip("shared BackdoorBench resources not present")
+    jpeg = needs_backdoorbench_file("blended__hello_kitty.jpeg")
     attack = Blended(cifar_spec, pattern_path=str(jpeg))
     assert attack.pattern.shape == (3, 32, 32)
     assert not torch.equal(attack.pattern, Blended(cifar_spec).pattern)

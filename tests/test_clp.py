@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from baselines.clp import (channel_lipschitz_upper_bounds, conv_bn_pairs, defend,
                            lipschitz_outlier_channels)
-from bdcore.models import build_model
+from bdcore.models import PreActResNet18, torchvision_model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ class RegisteredOutOfOrder(nn.Module):
 @pytest.fixture
 def preact():
     torch.manual_seed(0)
-    return randomise_bn(build_model("preactresnet18", 10, 3, width=4))
+    return randomise_bn(PreActResNet18(10, 3, width=4))
 
 
 @pytest.fixture
@@ -257,7 +257,7 @@ def test_thread_count_restored(preact):
 def test_diagnostics_are_json_serialisable():
     torch.manual_seed(0)
     single = randomise_bn(nn.Sequential(nn.Conv2d(3, 1, 3), nn.BatchNorm2d(1)))  # NaN std
-    for net in (randomise_bn(build_model("preactresnet18", 10, 3, width=4)), single,
+    for net in (randomise_bn(PreActResNet18(10, 3, width=4)), single,
                 randomise_bn(RegisteredOutOfOrder())):
         for pairing in ("published", "fixed"):
             _, diag = defend(net, None, u=2.0, pairing=pairing)
@@ -271,7 +271,7 @@ def test_diagnostics_are_json_serialisable():
 @pytest.mark.parametrize("name", ["vgg19_bn", "resnet18"])
 def test_torchvision_models_at_32x32(name):
     torch.manual_seed(0)
-    model = randomise_bn(build_model(name, 10, 3))
+    model = randomise_bn(torchvision_model(name, 10, 3))
     published, skipped = conv_bn_pairs(model, "published")
     assert skipped == [] and conv_bn_pairs(model, "fixed") == (published, [])
     pruned, diag = defend(model, None, u=1.0)

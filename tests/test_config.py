@@ -4,10 +4,11 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 
 CONF = ROOT / "conf"
 GROUPS = ["dataset", "model", "attack", "train", "budget", "defense", "logger", "experiment"]
+BUILT_GROUPS = ["dataset", "model", "attack", "train", "budget", "defense", "logger"]
 OPTIONS = [(g, p.stem) for g in GROUPS for p in sorted((CONF / g).glob("*.yaml"))]
 
 
@@ -20,7 +21,29 @@ def compose_with(overrides):
 @pytest.mark.parametrize("group, option", OPTIONS, ids=[f"{g}={o}" for g, o in OPTIONS])
 def test_every_config_option_composes(group, option):
     cfg = compose_with([f"{group}={option}"])
-    assert {"dataset", "model", "attack", "train", "budget", "defense", "logger", "seed"} <= set(cfg)
+    assert {"dataset", "model", "attack", "train", "budget", "defense", "logger", "seed", "precision"} <= set(cfg)
+
+
+@pytest.mark.parametrize("group, option", [(g, o) for g, o in OPTIONS if g in BUILT_GROUPS],
+                         ids=[f"{g}={o}" for g, o in OPTIONS if g in BUILT_GROUPS])
+def test_every_group_uses_hydra_target(group, option):
+    """One convention: `_target_` (with `_partial_: true` for defenses, which are functions)."""
+    node = compose_with([f"{group}={option}"])[group]
+    assert "_target_" in node
+    if group != "model":  # torchvision / timm models take the architecture's name as an argument
+        assert "name" not in node  # a choice's name comes from Hydra's runtime choices
+    assert node.get("_partial_", False) is (group == "defense")
+
+
+def test_defense_hyper_parameters_sit_directly_under_the_group():
+    cfg = compose_with(["defense=otbr", "defense.prune.ratio=0.1", "defense.fusion.lambda_=0.3"])
+    assert cfg["defense"]["prune"]["ratio"] == 0.1 and cfg["defense"]["fusion"]["lambda_"] == 0.3
+    assert cfg["defense"]["_target_"] == "baselines.otbr.defend"
+
+
+def test_presets_compose_as_a_list():
+    cfg = compose_with(["experiment=[quickstart,otbr_gamma_sweep]"])
+    assert cfg["model"]["width"] == 16 and cfg["defense"]["_target_"] == "baselines.otbr.defend"
 
 
 @pytest.mark.parametrize("defense_dataset", sorted(p.stem for p in (CONF / "defense_dataset").glob("*.yaml")))
@@ -28,7 +51,7 @@ def test_every_specialisation_applies(defense_dataset):
     defense = next(d for d in (p.stem for p in (CONF / "defense").glob("*.yaml")) if defense_dataset.startswith(d + "_"))
     dataset = defense_dataset[len(defense) + 1:]
     cfg = compose_with([f"defense={defense}", f"dataset={dataset}"])
-    assert cfg["defense"]["name"] == defense
+    assert cfg["defense"]["_target_"] == f"baselines.{defense}.defend"
 
 
 def test_train_schedule_follows_the_dataset():
@@ -40,7 +63,9 @@ def test_train_schedule_follows_the_dataset():
 
 def test_paper_defaults():
     cfg = compose_with([])
-    assert (cfg["dataset"]["name"], cfg["model"]["name"], cfg["model"]["width"]) == ("cifar10", "preactresnet18", 64)
+    assert (cfg["dataset"]["_target_"], cfg["model"]["_target_"], cfg["model"]["width"]) == \
+        ("bdcore.datasets.CIFAR10", "bdcore.models.PreActResNet18", 64)
+    assert cfg["precision"] == "fp32"  # BackdoorBench trains in fp32 (docs/precision.md)
     assert (cfg["attack"]["poison_ratio"], cfg["attack"]["target"]) == (0.1, 0)
     t = cfg["train"]
     assert (t["epochs"], t["batch_size"], t["lr"], t["momentum"], t["weight_decay"], t["t_max"]) == \
@@ -49,7 +74,7 @@ def test_paper_defaults():
 
 def test_quickstart_is_cpu_sized_and_annealed():
     cfg = compose_with(["experiment=quickstart"])
-    assert cfg["dataset"]["name"] == "fashion_mnist" and cfg["model"]["width"] == 16
+    assert cfg["dataset"]["_target_"] == "bdcore.datasets.FashionMNIST" and cfg["model"]["width"] == 16
     assert cfg["train"]["t_max"] == cfg["train"]["epochs"] <= 5
 
 

@@ -10,10 +10,26 @@ import pytest
 import torch
 from PIL import Image
 
-import bdcore.datasets as D
+import bdcore.datasets.decode as decode
+import bdcore.datasets.tiny as tiny
 from bdcore.data import DatasetSpec, ImageSet
-from bdcore.datasets import (DATASET_NAMES, DatasetMissingError, dataset_spec, load_dataset,
-                           make_synthetic, read_idx)
+from bdcore.datasets import (CIFAR10, CIFAR100, GTSRB, DatasetConfigError, DatasetMissingError, FashionMNIST,
+                             Synthetic, TinyImageNet, make_synthetic, read_idx)
+from bdcore.datasets.fashion_mnist import IDX_FILES
+
+SOURCES = {"cifar10": CIFAR10, "cifar100": CIFAR100, "gtsrb": GTSRB, "tiny": TinyImageNet,
+           "fashion_mnist": FashionMNIST}
+DATASET_NAMES = tuple(SOURCES)
+
+
+def dataset_spec(name):
+    return SOURCES[name].spec
+
+
+def load_dataset(name, root, **kwargs):
+    """(train, test, spec) through the data source a config's `_target_` names."""
+    source = (Synthetic if name == "synthetic" else SOURCES[name])(root=str(root), **kwargs)
+    return (*source.load(), source.spec)
 
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")
 
@@ -33,7 +49,6 @@ def assert_one_line_missing(excinfo):
 
 # ------------------------------------------------------------------------------------------ specs
 def test_specs_match_backdoorbench():
-    assert set(DATASET_NAMES) == {"cifar10", "cifar100", "gtsrb", "tiny", "fashion_mnist", "synthetic"}
     c10 = dataset_spec("cifar10")
     assert (c10.num_classes, c10.shape, c10.hflip) == (10, (3, 32, 32), True)
     assert c10.mean == (0.4914, 0.4822, 0.4465) and c10.std == (0.247, 0.243, 0.261)
@@ -46,16 +61,26 @@ def test_specs_match_backdoorbench():
     assert t.mean == (0.4802, 0.4481, 0.3975)
     f = dataset_spec("fashion_mnist")
     assert (f.num_classes, f.shape, f.mean, f.std, f.hflip) == (10, (1, 28, 28), (0.2860,), (0.3530,), False)
-    s = dataset_spec("synthetic", num_classes=5, channels=1, size=16, seed=3, train_per_class=2)
+    s = Synthetic(num_classes=5, channels=1, size=16, pattern_seed=3, train_per_class=2).spec
     assert (s.num_classes, s.shape, s.mean, s.std, s.hflip) == (5, (1, 16, 16), (0.5,), (0.25,), False)
     assert all(dataset_spec(n).crop_padding == 4 for n in DATASET_NAMES)
 
 
-def test_unknown_name_lists_valid_names(tmp_path):
-    for call in (lambda: dataset_spec("mnist"), lambda: load_dataset("imagenet", tmp_path)):
-        with pytest.raises(ValueError) as excinfo:
-            call()
-        assert all(n in str(excinfo.value) for n in DATASET_NAMES)
+def test_location_args_are_declared_by_each_source():
+    assert FashionMNIST.location_args == ("root", "download", "idx_dir")
+    assert all({"root", "download"} <= set(src.location_args) for src in SOURCES.values())
+
+
+def test_train_size_draws_a_fixed_subset_and_rejects_nonsense():
+    full, _ = Synthetic().load()
+    a, _ = Synthetic(train_size=10, seed=3).load()
+    b, _ = Synthetic(train_size=10, seed=3).load()
+    assert len(a) == 10 and torch.equal(a.images, b.images)
+    for bad in (0, -5):
+        with pytest.raises(DatasetConfigError, match="train_size"):
+            Synthetic(train_size=bad)
+    with pytest.raises(DatasetConfigError, match="smaller value"):
+        Synthetic(train_size=len(full) + 1).load()
 
 
 def test_missing_error_is_one_line():
@@ -102,7 +127,7 @@ def test_fashion_mnist_from_idx_dir(tmp_path):
     write_idx(d / "train-labels-idx1-ubyte.gz", tr_y, True)
     write_idx(d / "t10k-images-idx3-ubyte.gz", te_x, True)
     write_idx(d / "t10k-labels-idx1-ubyte.gz", te_y, True)
-    train, test, spec = load_dataset("fashion_mnist", tmp_path / "root", fashion_mnist_dir=str(d))
+    train, test, spec = load_dataset("fashion_mnist", tmp_path / "root", idx_dir=str(d))
     assert spec == dataset_spec("fashion_mnist")
     assert train.images.shape == (12, 1, 28, 28) and test.images.shape == (4, 1, 28, 28)
     assert train.images.dtype == torch.uint8 and train.labels.dtype == torch.int64
@@ -110,7 +135,7 @@ def test_fashion_mnist_from_idx_dir(tmp_path):
     assert test.labels.tolist() == [9, 0, 5, 5]
 
 
-@pytest.mark.skipif(not all((DEBIAN_FMNIST / f).is_file() for f in D._FMNIST_FILES),
+@pytest.mark.skipif(not all((DEBIAN_FMNIST / f).is_file() for f in IDX_FILES),
                     reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_mnist_debian_files(tmp_path):
     train, test, spec = load_dataset("fashion_mnist", tmp_path)
@@ -125,7 +150,7 @@ def test_fashion_mnist_missing(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(DatasetMissingError) as excinfo:
-        load_dataset("fashion_mnist", tmp_path / "root", fashion_mnist_dir=str(empty))
+        load_dataset("fashion_mnist", tmp_path / "root", idx_dir=str(empty))
     assert_one_line_missing(excinfo)
     assert "apt-get install dataset-fashion-mnist" in str(excinfo.value)
 
@@ -243,7 +268,7 @@ def test_gtsrb_layout_order_labels_resize_cache(tmp_path, monkeypatch):
     def no_decode(*args, **kwargs):
         raise AssertionError("the cache should have been reused")
 
-    monkeypatch.setattr(D, "_decode", no_decode)
+    monkeypatch.setattr(decode, "decode_image", no_decode)
     train2, test2, _ = load_dataset("gtsrb", tmp_path)
     assert torch.equal(train2.images, train.images) and torch.equal(train2.labels, train.labels)
     assert torch.equal(test2.images, test.images) and torch.equal(test2.labels, test.labels)
@@ -342,7 +367,7 @@ def test_tiny_layout(tmp_path, monkeypatch, val_layout):
     assert tmeans[0, 0] > 150 and tmeans[2, 2] > 150
     assert (tmp_path / "tiny" / ".cache_uint8_64.pt").is_file()
 
-    monkeypatch.setattr(D, "_decode", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no cache")))
+    monkeypatch.setattr(decode, "decode_image", lambda *a, **k: (_ for _ in ()).throw(AssertionError("no cache")))
     train2, test2, _ = load_dataset("tiny", tmp_path)
     assert torch.equal(train2.images, train.images) and torch.equal(test2.labels, test.labels)
 
@@ -376,14 +401,14 @@ def test_synthetic_deterministic_balanced():
     assert inside > 0.95
 
 
-def test_synthetic_through_load_dataset(tmp_path):
-    kw = dict(num_classes=3, channels=1, size=20, train_per_class=5, test_per_class=2, seed=7)
-    train, test, spec = load_dataset("synthetic", tmp_path / "unused", **kw)
+def test_synthetic_through_its_data_source(tmp_path):
+    kw = dict(num_classes=3, channels=1, size=20, train_per_class=5, test_per_class=2)
+    train, test, spec = load_dataset("synthetic", tmp_path / "unused", pattern_seed=7, **kw)
     assert isinstance(train, ImageSet) and isinstance(spec, DatasetSpec)
-    assert spec == dataset_spec("synthetic", **kw)
+    assert spec.shape == (1, 20, 20) and spec.num_classes == 3
     assert train.images.shape == (15, 1, 20, 20) and test.images.shape == (6, 1, 20, 20)
     assert train.labels.bincount().tolist() == [5, 5, 5]
-    assert torch.equal(train.images, make_synthetic(**kw)[0].images)
+    assert torch.equal(train.images, make_synthetic(**kw, seed=7)[0].images)
     assert not (tmp_path / "unused").exists()
 
 
@@ -421,7 +446,7 @@ def test_tiny_download_wired(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tvu, "download_and_extract_archive", fake_download)
     train, test, _ = load_dataset("tiny", tmp_path, download=True)
-    assert calls == [(D.TINY_URL, str(tmp_path / "tiny"), D.TINY_MD5)]
+    assert calls == [(tiny.URL, str(tmp_path / "tiny"), tiny.MD5)]
     assert len(train) == 8 and len(test) == 3
     load_dataset("tiny", tmp_path, download=True)  # present now: no second download
     assert len(calls) == 1

@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 
 import otbr
-from bdcore.models import build_model
+from bdcore.models import PreActResNet18, torchvision_model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ def assert_same_state(a: nn.Module, b: nn.Module, skip=()):
 
 def tiny_preact() -> nn.Module:
     torch.manual_seed(0)
-    return build_model("preactresnet18", 10, 3, width=4).eval()
+    return PreActResNet18(10, 3, width=4).eval()
 
 
 FAST_UNLEARN = {"steps": 2, "batch_size": 8}
@@ -87,20 +87,20 @@ FAST_UNLEARN = {"steps": 2, "batch_size": 8}
 # --------------------------------------------------------------------------------------------------
 
 def test_layer_set_matches_official_counts():
-    preact = build_model("preactresnet18", 10, 3, width=64)
+    preact = PreActResNet18(10, 3, width=64)
     layers = otbr.prunable_conv_layers(preact)
     assert len(layers) == 17 and layers[0] == "conv1.weight"
     assert not any("shortcut" in layer for layer in layers)
     assert sum(otbr.conv_of(preact, layer).out_channels for layer in layers) == 3904
 
-    vgg = build_model("vgg19_bn", 10, 3)
+    vgg = torchvision_model("vgg19_bn", 10, 3)
     layers = otbr.prunable_conv_layers(vgg)
     assert len(layers) == 16
     assert sum(otbr.conv_of(vgg, layer).out_channels for layer in layers) == 5504
 
 
 def test_layer_set_excludes_depthwise_and_squeeze_excitation():
-    model = build_model("mobilenet_v3_large", 10, 3)
+    model = torchvision_model("mobilenet_v3_large", 10, 3)
     for layer in otbr.prunable_conv_layers(model):
         conv = otbr.conv_of(model, layer)
         assert conv.groups == 1
@@ -197,7 +197,7 @@ def test_selection_is_global_floor_with_ties_in_network_order():
     assert otbr.select_filters_to_prune(nwcs, 0.6) == {"a.weight": [0, 2], "b.weight": [0]}
     assert otbr.select_filters_to_prune(nwcs, 0.1) == {}
 
-    preact = build_model("preactresnet18", 10, 3, width=64)
+    preact = PreActResNet18(10, 3, width=64)
     g = torch.Generator().manual_seed(0)
     sizes = {layer: otbr.conv_of(preact, layer).out_channels for layer in otbr.prunable_conv_layers(preact)}
     nwcs = {layer: torch.rand(n, generator=g, dtype=torch.float64) for layer, n in sizes.items()}
@@ -393,7 +393,7 @@ def test_defend_diagnostics_are_json_and_complete():
 @pytest.mark.parametrize("name", ["resnet18", "vgg19_bn", "efficientnet_b3", "mobilenet_v3_large"])
 def test_other_architectures_never_fail_on_shapes(name):
     torch.manual_seed(0)
-    model = build_model(name, 10, 3).eval()
+    model = torchvision_model(name, 10, 3).eval()
     fused, diagnostics = otbr.defend(model, unlearn={"steps": 1, "batch_size": 2})
     json.dumps(diagnostics)
     assert diagnostics["chain_layers"]

@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_cli
+from helpers import run_cli
+
+pytestmark = pytest.mark.slow
 
 TINY = ["dataset=synthetic", "model.width=4", "progress=false"]
 
@@ -60,13 +62,23 @@ def test_table_is_printed_and_saved_after_the_sweep(sweep):
     assert (root / "multirun" / "results.csv").exists()
 
 
-def test_rerun_into_the_same_dir_refuses_to_overwrite_results(sweep):
+def test_rerun_of_a_finished_job_is_skipped_and_changes_nothing(sweep):
     root, _, _ = sweep
     job = root / "multirun" / "attack=badnet,dataset=synthetic,defense=none,model.width=4"
     before = (job / "metrics.json").read_text()
     result = run_cli([*TINY, "attack=badnet", "defense=none", f"hydra.run.dir='{job}'",
                       f"paths.store_dir={root / 'store'}"])
-    assert result.returncode == 2 and "already holds results" in result.stderr
+    assert result.returncode == 0 and "skipped" in result.stdout
+    assert (job / "metrics.json").read_text() == before
+
+
+def test_a_different_config_never_overwrites_results(sweep):
+    root, _, _ = sweep
+    job = root / "multirun" / "attack=badnet,dataset=synthetic,defense=none,model.width=4"
+    before = (job / "metrics.json").read_text()
+    result = run_cli([*TINY, "attack=badnet", "defense=none", "attack.poison_ratio=0.2", f"hydra.run.dir='{job}'",
+                      f"paths.store_dir={root / 'store'}"])
+    assert result.returncode == 2 and "different config" in result.stderr
     assert (job / "metrics.json").read_text() == before
 
 
@@ -97,10 +109,10 @@ def test_missing_dataset_names_how_to_get_it(tmp_path):
 
 
 def test_checkpoint_that_does_not_fit_the_architecture(tmp_path):
-    from bdcore.models import build_model
+    from bdcore.models import PreActResNet18, torchvision_model
 
     ckpt = tmp_path / "wider.pt"
-    torch.save(build_model("preactresnet18", 4, 3, width=8).state_dict(), ckpt)
+    torch.save(PreActResNet18(4, 3, width=8).state_dict(), ckpt)
     result = run_cli([*TINY, f"backdoor_checkpoint={ckpt}", f"hydra.run.dir={tmp_path / 'run'}",
                       f"paths.store_dir={tmp_path / 'store'}"])
     assert_one_line_failure(result, "does not fit", "model=preactresnet18")
@@ -108,10 +120,10 @@ def test_checkpoint_that_does_not_fit_the_architecture(tmp_path):
 
 
 def test_a_fitting_checkpoint_is_defended_without_training(tmp_path):
-    from bdcore.models import build_model
+    from bdcore.models import PreActResNet18, torchvision_model
 
     ckpt = tmp_path / "bb_record.pt"
-    torch.save({"model": build_model("preactresnet18", 4, 3, width=4).state_dict(), "model_name": "preactresnet18"}, ckpt)
+    torch.save({"model": PreActResNet18(4, 3, width=4).state_dict(), "model_name": "preactresnet18"}, ckpt)
     result = run_cli([*TINY, f"backdoor_checkpoint={ckpt}", f"hydra.run.dir={tmp_path / 'run'}",
                       f"paths.store_dir={tmp_path / 'store'}"])
     assert result.returncode == 0, result.stderr[-2000:]

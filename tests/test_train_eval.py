@@ -5,7 +5,7 @@ import torch.nn as nn
 from bdcore.data import DatasetSpec, normalize, random_crop_flip
 from bdcore.datasets import make_synthetic
 from bdcore.evaluate import accuracy, backdoor_metrics
-from bdcore.models import build_model
+from bdcore.models import PreActResNet18, torchvision_model
 from bdcore.train import TrainSettings, train_model
 
 SPEC = DatasetSpec("synthetic", 4, 3, 32, 32, (0.5,) * 3, (0.25,) * 3)
@@ -36,7 +36,7 @@ def test_normalize_uses_dataset_mean_and_std():
 def tiny_training(seed):
     train, _ = make_synthetic(num_classes=4, size=32, train_per_class=32, test_per_class=8, seed=0)
     torch.manual_seed(seed)
-    model = build_model("preactresnet18", 4, 3, width=4)
+    model = PreActResNet18(4, 3, width=4)
     history = train_model(model, train, SPEC, TrainSettings(epochs=2, batch_size=32, t_max=2), device=CPU,
                           seed=seed, progress=False)
     return model, history
@@ -54,7 +54,7 @@ def test_same_seed_gives_identical_weights_on_cpu():
 def test_loop_learns_and_anneals_cosine_to_zero():
     train, test = make_synthetic(num_classes=4, size=32, train_per_class=64, test_per_class=32, seed=0)
     torch.manual_seed(0)
-    model = build_model("preactresnet18", 4, 3, width=8)
+    model = PreActResNet18(4, 3, width=8)
     history = train_model(model, train, SPEC, TrainSettings(epochs=4, batch_size=32, t_max=4), device=CPU,
                           progress=False)
     assert [round(h["lr"], 5) for h in history] == [0.01, 0.00854, 0.005, 0.00146]

@@ -1,0 +1,123 @@
+"""Long studies in pieces: run the missing jobs of a study, one backdoored model (cell) at a time.
+
+    python -m experiments.study fmnist            # run what is missing, in order; finished jobs are skipped
+    python -m experiments.study fmnist --status   # which jobs are finished, failed, missing
+    python -m experiments.study fmnist --report   # the mean +- std table of what is committed
+
+A study (conf/studies/<name>.yaml) is a sweep dir, base overrides, grids of cells (each cell = one
+backdoored model, the first key outermost) and the defense sweeps that run right after each cell's model is
+trained. Each job's metrics.json lands in `<sweep_dir>/<job>/` as it finishes, so a study may stop at any
+point and a later session continues from what is committed.
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+STUDIES = ROOT / "conf" / "studies"
+# keys Hydra leaves out of job directory names (conf/config.yaml, hydra.job.config.override_dirname)
+EXCLUDED_FROM_DIR_NAMES = {"progress", "device", "logger", "hydra.sweep.dir", "threads", "paths.data_dir",
+                           "paths.store_dir", "paths.fashion_mnist_dir"}
+
+
+def load_study(name: str) -> dict:
+    path = STUDIES / f"{name}.yaml"
+    if not path.is_file():
+        options = ", ".join(sorted(p.stem for p in STUDIES.glob("*.yaml")))
+        raise SystemExit(f"study: unknown study '{name}'; choose one of: {options}")
+    return yaml.safe_load(path.read_text())
+
+
+def cells(study: dict) -> list[list[str]]:
+    """Every cell's overrides, in run order."""
+    out = []
+    for grid in study["grids"]:
+        keys = list(grid)
+        for values in itertools.product(*(grid[k] for k in keys)):
+            out.append([f"{k}={v}" for k, v in zip(keys, values)])
+    return out
+
+
+def expand(overrides: list[str]) -> list[list[str]]:
+    """The jobs of one `-m` command: comma-separated values expand as a product."""
+    choices = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        choices.append([f"{key}={v}" for v in value.split(",")])
+    return [list(job) for job in itertools.product(*choices)]
+
+
+def job_dir_name(overrides: list[str]) -> str:
+    """Hydra's override_dirname: sorted `key=value` pairs joined by ',', excluded keys left out."""
+    kept = sorted(o for o in overrides if o.split("=", 1)[0] not in EXCLUDED_FROM_DIR_NAMES)
+    return ",".join(kept)
+
+
+def commands(study: dict) -> list[tuple[list[str], list[str]]]:
+    """(the `-m` overrides, the job dir names it makes) for every cell x defense sweep, in run order."""
+    out = []
+    for cell in cells(study):
+        for sweep in study["defense_sweeps"]:
+            overrides = [*study["base"], *cell, *sweep]
+            out.append((overrides, [job_dir_name(job) for job in expand(overrides)]))
+    return out
+
+
+def status(study: dict) -> dict[str, list[str]]:
+    sweep_dir = ROOT / study["sweep_dir"]
+    state = {"finished": [], "failed": [], "missing": []}
+    for _, jobs in commands(study):
+        for job in jobs:
+            d = sweep_dir / job
+            key = "finished" if (d / "metrics.json").exists() else "failed" if (d / "failed.json").exists() else "missing"
+            state[key].append(job)
+    return state
+
+
+def run(study: dict) -> int:
+    sweep_dir = ROOT / study["sweep_dir"]
+    failures = 0
+    for overrides, jobs in commands(study):
+        missing = [j for j in jobs if not (sweep_dir / j / "metrics.json").exists()]
+        if not missing:
+            continue
+        print(f"study: running {len(missing)} missing job(s): {' '.join(overrides)}", flush=True)
+        result = subprocess.run([sys.executable, "run.py", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"],
+                                cwd=ROOT)
+        failures += result.returncode != 0
+    left = status(study)
+    print(f"study: {len(left['finished'])} finished, {len(left['failed'])} failed, {len(left['missing'])} missing",
+          flush=True)
+    return 1 if failures or left["failed"] else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study")
+    parser.add_argument("--status", action="store_true", help="list finished / failed / missing jobs and exit")
+    parser.add_argument("--report", action="store_true", help="print the mean +- std table of finished jobs")
+    args = parser.parse_args(argv)
+    study = load_study(args.study)
+    if args.status:
+        for key, jobs in status(study).items():
+            print(f"{key} ({len(jobs)}):")
+            for job in jobs:
+                print(f"  {job}")
+        return 0
+    if args.report:
+        from experiments.aggregate import aggregate
+
+        text = aggregate(ROOT / study["sweep_dir"], out_dir=ROOT / Path(study["sweep_dir"]).parent)
+        print(text or "study: nothing finished yet")
+        return 0
+    return run(study)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
