@@ -1,6 +1,6 @@
 """CLP — Channel Lipschitzness-based Pruning (Zheng et al., ECCV 2022), data-free.
 
-Follows BackdoorBench's ``defense/clp.py`` (``CLP_prune``), specs/defenses.md §2.7:
+Follows BackdoorBench's ``defense/clp.py`` (``CLP_prune``), docs/methods/clp.md:
 
 1. Pair every ``BatchNorm2d`` with a ``Conv2d`` (see :func:`conv_bn_pairs`).
 2. For each channel k of the pair, the upper bound of its channel Lipschitz constant is
@@ -12,11 +12,11 @@ Follows BackdoorBench's ``defense/clp.py`` (``CLP_prune``), specs/defenses.md §
 No data is used and nothing is selected: the result is the pruning at the given ``u`` (3 for
 CIFAR-10/100 and GTSRB, 5 for Tiny-ImageNet in BackdoorBench's configs).
 
-Pairing (DESIGN.md §6, README fidelity table):
+Pairing (docs/fidelity.md):
 
 * ``"published"`` (default; the papers' CLP numbers come from it): walk ``named_modules()`` in
   registration order and pair each BN with the most recently registered conv. On BackdoorBench's
-  PreAct-ResNet18 (modules registered bn1, conv1, bn2, conv2, shortcut; specs §0.1) this pairs
+  PreAct-ResNet18 (modules registered bn1, conv1, bn2, conv2, shortcut; docs/methods/clp.md) this pairs
   ``layer{2,3,4}.1.bn1`` with the previous block's 1x1 ``shortcut.0`` conv instead of its ``conv2``.
 * ``"fixed"``: pair each BN with the conv whose output actually feeds it, found by tracing the
   forward pass with ``torch.fx`` (rule in :func:`fed_by_conv_pairs`). For PreAct blocks ``bn1`` gets
@@ -142,8 +142,8 @@ def fed_by_conv_pairs(model: nn.Module) -> tuple[list[tuple[str, str]], list[dic
 def conv_bn_pairs(model: nn.Module, pairing: str = "published") -> tuple[list[tuple[str, str]], list[dict]]:
     """``(bn_name, conv_name)`` pairs CLP scores, plus the BNs it must skip (each with a reason).
 
-    ``pairing="published"``: registration order (BackdoorBench, spec §2.7 step 1 and quirk 4);
-    ``pairing="fixed"``: the conv that feeds each BN (DESIGN.md §6). Pairs whose conv and BN cannot
+    ``pairing="published"``: registration order (BackdoorBench, docs/methods/clp.md);
+    ``pairing="fixed"``: the conv that feeds each BN (docs/methods/clp.md). Pairs whose conv and BN cannot
     be combined (channel mismatch, BN without affine weight or running variance) move to ``skipped``.
     """
     if pairing == "published":
@@ -196,7 +196,7 @@ def channel_lipschitz_upper_bounds(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch
     """UCLC of every channel of a conv->BN pair, a float32 CPU tensor of shape (out_channels,).
 
     ``UCLC_k = sigma_max(W_conv[k].reshape(in, kh*kw) * |gamma_k / sqrt(running_var_k)|)``, no BN
-    eps (spec §2.7 step 1; paper Eq. for the upper bound of the channel Lipschitz constant). The
+    eps (docs/methods/clp.md; paper Eq. for the upper bound of the channel Lipschitz constant). The
     original loops ``torch.svd(w.cpu())`` over channels and collects the results with
     ``torch.Tensor`` (float32); here one batched ``torch.linalg.svd`` on CPU does the same LAPACK
     call per channel and gives bit-identical values (tests/test_clp.py checks this).
@@ -210,7 +210,7 @@ def channel_lipschitz_upper_bounds(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> torch
 
 
 def lipschitz_threshold(uclc: torch.Tensor, u: float) -> torch.Tensor:
-    """``mean(UCLC) + u * std(UCLC)`` with torch's unbiased std, in UCLC's dtype (spec §2.7 step 2).
+    """``mean(UCLC) + u * std(UCLC)`` with torch's unbiased std, in UCLC's dtype (docs/methods/clp.md).
 
     NaN for fewer than two channels (where the unbiased std is undefined; torch would warn).
     """
@@ -220,7 +220,7 @@ def lipschitz_threshold(uclc: torch.Tensor, u: float) -> torch.Tensor:
 
 
 def lipschitz_outlier_channels(uclc: torch.Tensor, u: float) -> torch.Tensor:
-    """Indices of channels with ``UCLC > mean + u * std`` (unbiased std, strict ``>``; spec §2.7 step 2).
+    """Indices of channels with ``UCLC > mean + u * std`` (unbiased std, strict ``>``; docs/methods/clp.md).
 
     With a single channel the unbiased std is NaN and nothing is flagged, as in the original.
     """
@@ -229,7 +229,7 @@ def lipschitz_outlier_channels(uclc: torch.Tensor, u: float) -> torch.Tensor:
 
 @torch.no_grad()
 def zero_bn_channels(bn: nn.BatchNorm2d, channels: torch.Tensor) -> None:
-    """Prune channels in place: BN weight **and** bias set to 0 (spec §2.7 step 2)."""
+    """Prune channels in place: BN weight **and** bias set to 0 (docs/methods/clp.md)."""
     channels = channels.to(bn.weight.device)
     bn.weight[channels] = 0
     bn.bias[channels] = 0

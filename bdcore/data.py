@@ -92,7 +92,7 @@ class DefenseData:
     `clean` is the defender's budget, drawn from the *clean* training set; `clean_indices` say where it came
     from (tests assert a defense reads nothing else). `validation` is a held-out part of the budget for
     defenses that select a threshold or an epoch under `selection_split: validation`; `evaluate` (test-set
-    ACC/ASR/RA) is given only under the published `selection_split: test`.
+    ACC/ASR/RA) may be used only to select under the published `selection_split: test` (and for reports).
     """
 
     clean: ImageSet
@@ -102,3 +102,4 @@ class DefenseData:
     augment: Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None = None
     apply_trigger: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None
     evaluate: Callable[[torch.nn.Module], dict] | None = None
+    precision: str = "fp32"  # the job's resolved precision: pass it on to bdcore.train.train_model

@@ -75,11 +75,18 @@ def _replace_first_conv(model: nn.Module, in_channels: int) -> nn.Module:
 TORCHVISION_MODELS = ("vgg19_bn", "resnet18", "efficientnet_b3", "mobilenet_v3_large")
 
 
-def torchvision_model(name: str, num_classes: int, in_channels: int = 3) -> nn.Module:
+def _no_width(name: str, width) -> None:
+    if width is not None:
+        raise ValueError(f"model.width={width} applies to model=preactresnet18 only; model={name} has no width "
+                         "(the quickstart / fmnist presets set it: add ~model.width)")
+
+
+def torchvision_model(name: str, num_classes: int, in_channels: int = 3, width: int | None = None) -> nn.Module:
     """A torchvision classifier, randomly initialised, built exactly as BackdoorBench builds it (ImageNet
     definitions, no 32x32 adaptation); other input channel counts get a fresh first conv."""
     import torchvision.models as tvm
 
+    _no_width(name, width)
     if name not in TORCHVISION_MODELS:
         raise ValueError(f"model.name={name!r} is not one of {', '.join(TORCHVISION_MODELS)}; for any other "
                          "architecture use model=timm model.name=<timm name>")
@@ -87,10 +94,11 @@ def torchvision_model(name: str, num_classes: int, in_channels: int = 3) -> nn.M
     return model if in_channels == 3 else _replace_first_conv(model, in_channels)
 
 
-def timm_model(name: str, num_classes: int, in_channels: int = 3, **kwargs) -> nn.Module:
+def timm_model(name: str, num_classes: int, in_channels: int = 3, width: int | None = None, **kwargs) -> nn.Module:
     """Any timm architecture, randomly initialised; pretrained weights are never downloaded."""
     import timm
 
+    _no_width(name, width)
     if not timm.is_model(name):
         raise ValueError(f"model.name={name!r} is not a timm architecture; e.g. model.name=resnet18 "
                          "(timm.list_models() lists them)")

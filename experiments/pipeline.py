@@ -44,6 +44,16 @@ def git_revision() -> str | None:
         return None
 
 
+def pot_version() -> str | None:
+    """POT's version: OTBR's transport plans (and their tie-breaks) come from its exact solver."""
+    try:
+        import ot
+
+        return ot.__version__
+    except ImportError:
+        return None
+
+
 def result_config(cfg: DictConfig) -> dict:
     return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_RESULT_KEYS}
 
@@ -58,7 +68,9 @@ def set_threads(cfg: DictConfig, device: torch.device) -> int:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         launcher = HydraConfig.get().launcher
         parallel = int(launcher.get("n_jobs", 1) or 1) if "n_jobs" in launcher else 1
-        threads = max(1, cores // max(1, parallel))
+        if parallel <= 0:  # joblib's -1: as many parallel jobs as cores
+            parallel = cores
+        threads = max(1, cores // parallel)
     torch.set_num_threads(threads)
     return threads
 
@@ -144,6 +156,8 @@ def run_stages(cfg: DictConfig, hc, progress: dict) -> dict:
     job_num = hc.job.get("num", 0) or 0
 
     # ---- config -> objects, all checked before any data is read or any model trained
+    if not cfg.progress:  # every tqdm bar (training, defenses, resource generation) honours it
+        os.environ["TQDM_DISABLE"] = "1"
     device = select_device(cfg.device, job_num)
     precision = resolve_precision(str(cfg.precision), device)
     threads = set_threads(cfg, device)
@@ -209,8 +223,11 @@ def run_stages(cfg: DictConfig, hc, progress: dict) -> dict:
     stage_info = {}
     stage = defense.traits.cached_stage
     if stage is not None and backdoor_key is not None:
-        kwargs[stage.result_arg], stage_info = S.cached_stage_result(
-            store, stage, backdoor_key, model, defense.hyper_parameters, defense.seed, device, defense.name)
+        try:
+            kwargs[stage.result_arg], stage_info = S.cached_stage_result(
+                store, stage, backdoor_key, model, defense.hyper_parameters, defense.seed, device, defense.name)
+        except ValueError as err:
+            raise UserError(f"defense={defense.name}: {str(err).strip().splitlines()[0]}") from None
     if defense.traits.wants_evaluator:
         kwargs["evaluate"] = evaluate
     defense_data = None
@@ -226,7 +243,10 @@ def run_stages(cfg: DictConfig, hc, progress: dict) -> dict:
             augment=lambda x, g: random_crop_flip(x, data.spec, g), apply_trigger=trained_attack.apply_trigger,
             evaluate=evaluate, precision=precision)
     start = time.perf_counter()
-    defended, diagnostics = defense.fn(model, defense_data, device=device, **kwargs)
+    try:
+        defended, diagnostics = defense.fn(model, defense_data, device=device, **kwargs)
+    except ValueError as err:  # defenses raise ValueError for settings a user can fix (baselines/base.py)
+        raise UserError(f"defense={defense.name}: {str(err).strip().splitlines()[0]}") from None
     timings["defense_seconds"] = time.perf_counter() - start
 
     progress["stage"] = "evaluate defended model"
@@ -254,6 +274,7 @@ def run_stages(cfg: DictConfig, hc, progress: dict) -> dict:
         "timings": timings,
         "environment": {"device": str(device), "precision": precision, "precision_requested": str(cfg.precision),
                         "capabilities": capabilities(device), "threads": threads, "torch": torch.__version__,
+                        "pot": pot_version(),
                         "python": platform.python_version(), "git": git_revision()},
         "config": OmegaConf.to_container(cfg, resolve=True),
     }

@@ -36,10 +36,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _numpy_globals() -> list:
+    """numpy's array reconstruction, which BackdoorBench records need (they hold numpy poison indicators):
+    it rebuilds arrays and cannot call anything else."""
+    import numpy._core.multiarray as multiarray
+
+    dtypes = [type(np.dtype(t)) for t in ("b", "B", "h", "H", "i", "I", "l", "L", "q", "Q", "e", "f", "d", "?")]
+    return [multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
 def safe_load(path: str | Path, what: str):
-    """torch.load that can never execute code (weights_only=True); anything else is refused in one line."""
+    """torch.load that can never execute code (weights_only=True, plus numpy arrays); anything else is
+    refused in one line."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(_numpy_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # unpickling refused, truncated, empty or foreign file
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserError(f"{what}={path} cannot be loaded safely ({reason[:160]}); give a file saved with "

@@ -1,4 +1,4 @@
-"""The one artifact store shared by all jobs (DESIGN.md §4).
+"""The one artifact store shared by all jobs (docs/architecture.md).
 
 An artifact is a directory `<root>/<kind>/<key>/` whose key is the sha256 of the resolved upstream config
 that determines it. It is produced in a private temp directory, sealed with a COMPLETE.json marker holding

@@ -21,9 +21,12 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 STUDIES = ROOT / "conf" / "studies"
-# keys Hydra leaves out of job directory names (conf/config.yaml, hydra.job.config.override_dirname)
-EXCLUDED_FROM_DIR_NAMES = {"progress", "device", "logger", "hydra.sweep.dir", "threads", "paths.data_dir",
-                           "paths.store_dir", "paths.fashion_mnist_dir"}
+
+
+def excluded_from_dir_names() -> set[str]:
+    """The keys Hydra leaves out of job directory names, read from conf/config.yaml."""
+    config = yaml.safe_load((ROOT / "conf" / "config.yaml").read_text())
+    return set(config["hydra"]["job"]["config"]["override_dirname"]["exclude_keys"])
 
 
 def load_study(name: str) -> dict:
@@ -54,9 +57,12 @@ def expand(overrides: list[str]) -> list[list[str]]:
 
 
 def job_dir_name(overrides: list[str]) -> str:
-    """Hydra's override_dirname: sorted `key=value` pairs joined by ',', excluded keys left out."""
-    kept = sorted(o for o in overrides if o.split("=", 1)[0] not in EXCLUDED_FROM_DIR_NAMES)
-    return ",".join(kept)
+    """The directory Hydra gives a job: its override_dirname (sorted `key=value` pairs joined by ',', the
+    excluded keys left out), shortened like conf/config.yaml's `job_dir_name` resolver does."""
+    from experiments.build import job_dir_name as shorten
+
+    excluded = excluded_from_dir_names()
+    return shorten(",".join(sorted(o for o in overrides if o.split("=", 1)[0] not in excluded)))
 
 
 def commands(study: dict) -> list[tuple[list[str], list[str]]]:

@@ -7,7 +7,7 @@ Algorithm 2 (:func:`defend`) chains:
   [both: :func:`unlearning_neuron_weight_changes`] -> :func:`select_filters_to_prune` -> :func:`prune_filters`;
 * Stage 2 — pruned-to-backdoored OT-based fusion: :func:`ot_fusion` (Eq. 3-4, Algorithm 1).
 
-Defaults reproduce the official code (specs/defenses.md §1.8 "recommended default", §1.10). Which convs
+Defaults reproduce the official code (docs/methods/otbr.md). Which convs
 take part and how the fusion chain walks other architectures is documented in :mod:`otbr.layers`.
 Imports only torch, numpy and POT; never modifies its inputs.
 """

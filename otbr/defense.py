@@ -1,4 +1,4 @@
-"""Algorithm 2 — the whole data-free OTBR defense in one call (spec §1.1, §1.10 defaults).
+"""Algorithm 2 — the whole data-free OTBR defense in one call (docs/methods/otbr.md).
 
 Stage 1: random unlearning (Eq. 1) -> NWCs (Eq. 2) -> prune the top ``ratio`` of filters.
 Stage 2: OT-based fusion of the pruned model into the backdoored one (Eq. 3-4, Algorithm 1).
@@ -19,7 +19,7 @@ from .fusion import ot_fusion
 from .nwc import unlearning_neuron_weight_changes
 from .pruning import prune_filters, select_filters_to_prune
 
-#: Spec §1.10 defaults (Algorithm 2's hyper-parameters); ``unlearn``/``nwc`` defaults live in the signatures.
+#: The official code's defaults (Algorithm 2's hyper-parameters); ``unlearn``/``nwc`` defaults live in the signatures.
 DEFAULT_PRUNE = {"ratio": 0.05}
 DEFAULT_FUSION = {"mode": "ot", "lambda_": 0.5, "target_dist": "nwc", "cost_on": "raw",
                   "source_support": "all", "num_itermax": 100000}

@@ -1,4 +1,4 @@
-"""Stage 2 — pruned-to-backdoored OT-based fusion (paper Eq. 3-4, Algorithm 1; spec §1.5, §1.8).
+"""Stage 2 — pruned-to-backdoored OT-based fusion (paper Eq. 3-4, Algorithm 1; docs/methods/otbr.md).
 
 For each layer of the fusion chain (:func:`otbr.layers.fusion_chain`; source = pruned model ``W_p``,
 target = backdoored model ``W_b``, ``n`` output filters):
@@ -14,7 +14,7 @@ target = backdoored model ``W_b``, ``n`` output filters):
 6. fusion ``W_f = lambda W~ + (1 - lambda) W_b``; carry ``T`` and ``nu`` to the next layer.
 
 ``P`` and ``diag(1/nu) T^T`` are built in float64 numpy and cast to float32 before the matmuls, as in
-the official code. Zero-mass guard (spec §1.8 row 14): the official ``1/nu`` turns a filter with NWC
+the official code. Zero-mass guard (docs/methods/otbr.md): the official ``1/nu`` turns a filter with NWC
 0.0000 into ``inf`` and the model into NaN; here ``1/nu_j`` is used only where ``nu_j > 0`` (else 0, so
 that target's transported row is 0) and a layer whose NWCs are all 0 gets a uniform target. No epsilon
 is added anywhere, so every other number is the official one. Each firing is logged and recorded.
@@ -68,7 +68,7 @@ def target_masses(nwc: torch.Tensor, target_dist: str = "nwc",
 
 
 def reciprocal_masses(masses: np.ndarray) -> np.ndarray:
-    """Zero-mass guard: ``1/m_j`` where ``m_j > 0``, else 0 (no epsilon; spec §1.8 row 14)."""
+    """Zero-mass guard: ``1/m_j`` where ``m_j > 0``, else 0 (no epsilon; docs/methods/otbr.md)."""
     inverse = np.zeros_like(masses, dtype=np.float64)
     positive = masses > 0
     inverse[positive] = 1.0 / masses[positive]
@@ -141,7 +141,7 @@ def ot_fusion(pruned_model: nn.Module, backdoored_model: nn.Module, nwcs: dict[s
 
     ``mode="vanilla"``: ``lambda W_p + (1 - lambda) W_b`` on every chain layer, no OT (Table 2);
     ``mode="none"``: a copy of the pruned model. ``source_support="surviving"`` drops the pruned filters
-    from the source (masses ``1/n_kept``; spec §1.8 row 12). ``seed`` drives ``target_dist="random"``.
+    from the source (masses ``1/n_kept``; docs/methods/otbr.md). ``seed`` drives ``target_dist="random"``.
     Returns ``(fused model in eval mode, diagnostics)``; neither input is modified.
     """
     _check_choice("mode", mode, FUSION_MODES)

@@ -1,4 +1,4 @@
-"""Which convolutions OTBR considers, and how its fusion chain walks them (spec §1.3, §1.5; DESIGN.md §6).
+"""Which convolutions OTBR considers, and how its fusion chain walks them (docs/methods/otbr.md).
 
 Layer set ("neurons" = output filters of these convs)
     Every ``nn.Conv2d`` with ``groups == 1`` whose module name contains neither ``shortcut`` nor

@@ -1,4 +1,4 @@
-"""Stage 1b — neuron weight changes (paper Eq. 2; spec §1.3).
+"""Stage 1b — neuron weight changes (paper Eq. 2; docs/methods/otbr.md).
 
 ``NWC_{l,k} = || W_u^l[k] - W_b^l[k] ||_1``: the L1 norm of output filter k's change during random
 unlearning, summed over all input channels and kernel positions, with no normalisation. The official

@@ -1,4 +1,4 @@
-"""Stage 1c — NWC pruning (spec §1.3-1.4).
+"""Stage 1c — NWC pruning (docs/methods/otbr.md).
 
 One global ranking of all filters of all prunable layers by (rounded) NWC, descending, with Python's
 stable sort, so ties keep network order then filter index. The top ``int(total * ratio)`` (floor) are

@@ -1,4 +1,4 @@
-"""Stage 1a — random unlearning (paper Eq. 1; spec §1.2).
+"""Stage 1a — random unlearning (paper Eq. 1; docs/methods/otbr.md).
 
 Gradient *ascent* on the cross-entropy of uniform-noise images with random labels, for ``steps``
 mini-batches: ``max_theta sum_{I steps} sum_{B samples} CE(f(x; theta), y)``. The official code uses
@@ -22,7 +22,7 @@ BN_MODES = ("train", "eval")
 
 
 def label_upper_bound(num_classes: int, labels: str = "official", num_labels: int | None = None) -> int:
-    """Exclusive upper bound ``high`` of the random labels ``randint(0, high)`` (spec §1.8 row 1).
+    """Exclusive upper bound ``high`` of the random labels ``randint(0, high)`` (docs/methods/otbr.md).
 
     ``num_labels`` wins when given (Fig. 5(d) sweeps it); else ``C - 1`` (official: class C-1 is never
     drawn) or ``C`` (paper text: every class).

@@ -1,6 +1,7 @@
 """Helpers shared by tests (import with `from helpers import ...`; pytest puts tests/ on the path)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -26,3 +27,21 @@ def run_cli(args, cwd=ROOT, env_extra=None, timeout=600):
     env = {**os.environ, "WANDB_MODE": "disabled", **(env_extra or {})}
     return subprocess.run([sys.executable, "run.py", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def fake_job(root, attack, defense, acc, asr, ref=(90.0, 99.0), overrides=(), seed=0, failed=False):
+    """A job directory with a hand-made metrics.json (or failed.json), as the pipeline writes them."""
+    ov = [f"attack={attack}", f"defense={defense}", *overrides] + ([f"seed={seed}"] if seed else [])
+    job = root / ",".join(sorted(ov))
+    job.mkdir(parents=True)
+    choices = {"dataset": "cifar10", "model": "preactresnet18", "attack": attack, "defense": defense}
+    if failed:
+        (job / "failed.json").write_text(json.dumps({"stage": "defense", "reason": "boom", "overrides": ov,
+                                                     "choices": choices, "config": {"seed": seed}}))
+        return
+    record = {"choices": choices, "overrides": ov, "defense": {"name": defense}, "config": {"seed": seed},
+              "metrics": {"acc": acc, "asr": asr, "ra": 100 - asr},
+              "reference_metrics": {"acc": ref[0], "asr": ref[1], "ra": 1.0},
+              "diagnostics": {"pruned_metrics": {"acc": acc - 1, "asr": asr / 2, "ra": 0}},
+              "environment": {"precision": "fp32", "threads": 2}}
+    (job / "metrics.json").write_text(json.dumps(record))

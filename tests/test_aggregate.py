@@ -1,27 +1,9 @@
 """Aggregation: Table-1 layout, the strict success rule, mean +- std over seeds, varied settings kept apart,
 attack-failed cells and failed jobs left out of the counts."""
-import json
-
 import pandas as pd
 
 from experiments.aggregate import aggregate, load_records, main, result_tables
-
-
-def fake_job(root, attack, defense, acc, asr, ref=(90.0, 99.0), overrides=(), seed=0, failed=False):
-    ov = [f"attack={attack}", f"defense={defense}", *overrides] + ([f"seed={seed}"] if seed else [])
-    job = root / ",".join(sorted(ov))
-    job.mkdir(parents=True)
-    choices = {"dataset": "cifar10", "model": "preactresnet18", "attack": attack, "defense": defense}
-    if failed:
-        (job / "failed.json").write_text(json.dumps({"stage": "defense", "reason": "boom", "overrides": ov,
-                                                     "choices": choices, "config": {"seed": seed}}))
-        return
-    record = {"choices": choices, "overrides": ov, "defense": {"name": defense}, "config": {"seed": seed},
-              "metrics": {"acc": acc, "asr": asr, "ra": 100 - asr},
-              "reference_metrics": {"acc": ref[0], "asr": ref[1], "ra": 1.0},
-              "diagnostics": {"pruned_metrics": {"acc": acc - 1, "asr": asr / 2, "ra": 0}},
-              "environment": {"precision": "fp32", "threads": 2}}
-    (job / "metrics.json").write_text(json.dumps(record))
+from helpers import fake_job
 
 
 def test_success_rule_is_strict_on_both_inequalities(tmp_path):

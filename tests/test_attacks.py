@@ -32,7 +32,7 @@ def test_badnet_builtin_trigger_equals_backdoorbench_resource(cifar_spec):
 def test_poison_count_and_indices_follow_backdoorbench(cifar_spec):
     attack = BadNet(cifar_spec, poison_ratio=0.1)
     idx = attack.poison_indices(50000, seed=0)
-    # numpy RandomState(0).choice checksum from specs/attacks.md §1.4
+    # numpy RandomState(0).choice checksum from docs/methods/attacks.md
     assert len(idx) == 5000 and idx[:5].tolist() == [11841, 19602, 45519, 25747, 42642]
     assert int(idx.sum()) == 126459119
     assert len(idx.unique()) == 5000

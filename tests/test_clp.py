@@ -1,4 +1,4 @@
-"""CLP (baselines/clp.py) against specs/defenses.md §2.7 and BackdoorBench's CLP_prune."""
+"""CLP (baselines/clp.py) against docs/methods/clp.md and BackdoorBench's CLP_prune."""
 from __future__ import annotations
 
 import copy
@@ -19,7 +19,7 @@ from bdcore.models import PreActResNet18, torchvision_model
 # --------------------------------------------------------------------------------------------------
 
 def backdoorbench_clp_prune(net: nn.Module, u: float) -> None:
-    """BackdoorBench defense/clp.py::CLP_prune, transcribed (in place; spec §2.7)."""
+    """BackdoorBench defense/clp.py::CLP_prune, transcribed (in place; docs/methods/clp.md)."""
     params = net.state_dict()
     conv = None
     for name, m in net.named_modules():
@@ -188,7 +188,7 @@ def test_preact_pairings(preact):
     published = dict(conv_bn_pairs(preact, "published")[0])
     fixed = dict(conv_bn_pairs(preact, "fixed")[0])
     assert len(published) == len(fixed) == 16
-    # the published quirk (spec §2.7 step 4) and its fix
+    # the published quirk (docs/methods/clp.md) and its fix
     for stage in (2, 3, 4):
         assert published[f"layer{stage}.1.bn1"] == f"layer{stage}.0.shortcut.0"
         assert fixed[f"layer{stage}.1.bn1"] == f"layer{stage}.0.conv2"

@@ -1,4 +1,4 @@
-"""Behaviour of otbr/ (specs/defenses.md §1): Eq. 1-4, Algorithm 1 and 2, on tiny CPU models."""
+"""Behaviour of otbr/ (docs/methods/otbr.md): Eq. 1-4, Algorithm 1 and 2, on tiny CPU models."""
 from __future__ import annotations
 
 import copy

@@ -1,0 +1,131 @@
+"""Our results beside the OTBR paper's, and figures.
+
+    python -m experiments.report <sweep dir> [<sweep dir> ...] [--paper table1|table2] [--format md|csv|latex]
+                                 [--plot train.epochs] [--out DIR]
+
+`--paper` joins our mean ACC / ASR per (attack, defense) with the paper's numbers (results/paper/, the
+paper's CIFAR-10 rows unless `--paper-dataset` says otherwise); our data set may differ from the paper's, so
+both are named in the table. `--plot KEY` draws ASR and ACC drop against a varied setting (e.g. the
+training length) with one line per defense, as a PNG.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from experiments.aggregate import load_records, split_settings
+
+PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
+
+
+def defense_labels(df: pd.DataFrame) -> pd.Series:
+    _, defense_keys = split_settings(df)
+    labels = []
+    for _, row in df.iterrows():
+        parts = [f"{k.removeprefix('defense.')}={row[k]}" for k in defense_keys if pd.notna(row.get(k))]
+        labels.append(row["defense"] if not parts else f"{row['defense']}[{','.join(parts)}]")
+    return pd.Series(labels, index=df.index)
+
+
+def our_means(df: pd.DataFrame) -> pd.DataFrame:
+    """Mean (and seed count) of ACC / ASR per attack and defense label; `none` from the references."""
+    df = df[df["status"] == "finished"].assign(column=defense_labels(df[df["status"] == "finished"]))
+    reference = df.drop_duplicates(["dataset", "model", "attack", "seed"]).assign(
+        column="none", acc=lambda d: d["ref_acc"], asr=lambda d: d["ref_asr"])
+    rows = pd.concat([reference, df[df["defense"] != "none"]])
+    return rows.groupby(["dataset", "attack", "column"]).agg(acc=("acc", "mean"), asr=("asr", "mean"),
+                                                             seeds=("seed", "nunique")).reset_index()
+
+
+def paper_table(name: str, dataset: str = "cifar10") -> pd.DataFrame:
+    """The paper's numbers as (attack, column, acc, asr), `column` in our defense-label vocabulary."""
+    table = pd.read_csv(PAPER_DIR / f"{name}.csv")
+    table = table[table["dataset"] == dataset]
+    if name == "table2":
+        table = table.assign(defense=table["fusion_mode"].map(
+            lambda m: "otbr" if m == "ot" else f"otbr[fusion.mode={m}]"))
+    wide = table.pivot_table(index=["attack", "defense"], columns="metric", values="value").reset_index()
+    return wide.rename(columns={"defense": "column"})
+
+
+def side_by_side(df: pd.DataFrame, paper: str, paper_dataset: str = "cifar10") -> pd.DataFrame:
+    ours = our_means(df)
+    theirs = paper_table(paper, paper_dataset)
+    merged = ours.merge(theirs, on=["attack", "column"], how="inner", suffixes=("", "_paper"))
+    merged = merged.rename(columns={"dataset": "our_dataset", "acc": "our_acc", "asr": "our_asr",
+                                    "acc_paper": "paper_acc", "asr_paper": "paper_asr"})
+    merged.insert(1, "paper_dataset", paper_dataset)
+    return merged[["our_dataset", "paper_dataset", "attack", "column", "seeds", "our_acc", "paper_acc",
+                   "our_asr", "paper_asr"]].rename(columns={"column": "defense"})
+
+
+def plot_against(df: pd.DataFrame, key: str, out: Path) -> Path:
+    """ASR and ACC drop against `key`, one line per defense label (mean over seeds), as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = df[(df["status"] == "finished") & (df["defense"] != "none")]
+    done = done.assign(column=defense_labels(done))
+    means = done.groupby(["column", key]).agg(asr=("asr", "mean"), acc_drop=("acc_drop", "mean"),
+                                              ref_asr=("ref_asr", "mean")).reset_index()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for column, rows in means.groupby("column"):
+        rows = rows.sort_values(key)
+        axes[0].plot(rows[key], rows["asr"], marker="o", label=column)
+        axes[1].plot(rows[key], rows["acc_drop"], marker="o", label=column)
+    reference = means.drop_duplicates(key).sort_values(key)
+    axes[0].plot(reference[key], reference["ref_asr"], "k--", label="no defense")
+    axes[0].axhline(20, color="grey", lw=0.8)
+    axes[1].axhline(10, color="grey", lw=0.8)
+    axes[0].set(xlabel=key, ylabel="ASR (%)", title="attack success rate")
+    axes[1].set(xlabel=key, ylabel="ACC drop (points)", title="clean accuracy drop")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
+
+
+def render(table: pd.DataFrame, fmt: str) -> str:
+    if fmt == "csv":
+        return table.to_csv(index=False, float_format="%.2f")
+    if fmt == "latex":
+        return table.to_latex(index=False, float_format="%.2f")
+    return table.to_markdown(index=False, floatfmt=".2f")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("sweep_dirs", nargs="+")
+    parser.add_argument("--paper", choices=["table1", "table2"], default=None)
+    parser.add_argument("--paper-dataset", default="cifar10")
+    parser.add_argument("--format", choices=["md", "csv", "latex"], default="md")
+    parser.add_argument("--plot", default=None, help="a varied setting to plot against, e.g. train.epochs")
+    parser.add_argument("--out", default=None, help="where the PNG goes (default: the first sweep dir)")
+    args = parser.parse_args(argv)
+    df = load_records(*args.sweep_dirs)
+    if df.empty:
+        print(f"report: no metrics.json under {' '.join(args.sweep_dirs)}", file=sys.stderr)
+        return 2
+    if args.paper:
+        print(render(side_by_side(df, args.paper, args.paper_dataset), args.format))
+    if args.plot:
+        if args.plot not in df.columns:
+            print(f"report: --plot {args.plot} is not a varied setting; choose one of "
+                  f"{', '.join(df.attrs.get('settings', [])) or '(none varies)'}", file=sys.stderr)
+            return 2
+        out = Path(args.out or args.sweep_dirs[0]) / f"{args.plot.replace('.', '_')}.png"
+        print(f"wrote {plot_against(df, args.plot, out)}")
+    if not args.paper and not args.plot:
+        print(render(our_means(df), args.format))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

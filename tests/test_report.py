@@ -1,0 +1,27 @@
+"""The report: ours beside the paper's numbers, and the training-length figure, on hand-made metrics files."""
+from experiments.aggregate import load_records
+from experiments.report import main, side_by_side
+from helpers import fake_job
+
+
+def test_side_by_side_joins_our_means_with_the_papers_table2(tmp_path):
+    for seed, asr in enumerate((2.0, 4.0)):
+        fake_job(tmp_path, "badnet", "otbr", 85.0, asr, seed=seed)
+        fake_job(tmp_path, "badnet", "otbr", 80.0, 1.0, overrides=("defense.fusion.mode=none",), seed=seed)
+    table = side_by_side(load_records(tmp_path), "table2")
+    ot = table[table["defense"] == "otbr"].iloc[0]
+    assert (ot["our_asr"], ot["paper_acc"], ot["paper_asr"], ot["seeds"]) == (3.0, 90.11, 1.08, 2)
+    pruned = table[table["defense"] == "otbr[fusion.mode=none]"].iloc[0]
+    assert (pruned["paper_acc"], pruned["paper_asr"]) == (84.98, 1.56)
+    assert set(table["our_dataset"]) == {"cifar10"} and set(table["paper_dataset"]) == {"cifar10"}
+
+
+def test_cli_prints_latex_and_draws_the_curve(tmp_path, capsys):
+    for epochs, asr in ((2, 90.0), (5, 40.0), (20, 3.0)):
+        fake_job(tmp_path, "badnet", "otbr", 85.0, asr, overrides=(f"train.epochs={epochs}",))
+    assert main([str(tmp_path), "--paper", "table1", "--format", "latex", "--plot", "train.epochs"]) == 0
+    out = capsys.readouterr().out
+    assert "\\begin{tabular}" in out and "90.11" in out
+    png = tmp_path / "train_epochs.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert main([str(tmp_path), "--plot", "nosuch"]) == 2
