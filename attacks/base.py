@@ -68,6 +68,12 @@ class Attack(ABC):
 
     def __init__(self, spec: DatasetSpec, target: int = 0, poison_ratio: float = 0.1,
                  label_transform: str = "all2one", train_overrides: dict | None = None):
+        for key, value in (("poison_ratio", poison_ratio), ("target", target)):
+            try:
+                float(value)
+            except (TypeError, ValueError):
+                raise AttackConfigError(f"attack.{key}={value!r} is not a number; use e.g. attack.{key}="
+                                        f"{'0.1' if key == 'poison_ratio' else '0'}") from None
         if not 0.0 < float(poison_ratio) <= 1.0:
             raise AttackConfigError(f"attack.poison_ratio={poison_ratio} is outside (0, 1]; "
                                     "use e.g. attack.poison_ratio=0.1")
@@ -80,7 +86,9 @@ class Attack(ABC):
         self.target = int(target)
         self.poison_ratio = float(poison_ratio)
         self.label_transform = label_transform
-        self.train_overrides = dict(train_overrides or {})
+        # Hydra passes lists as ListConfig; TrainSettings holds tuples (e.g. milestones)
+        self.train_overrides = {k: tuple(v) if isinstance(v, (list, tuple)) or type(v).__name__ == "ListConfig" else v
+                                for k, v in dict(train_overrides or {}).items()}
         unknown = set(self.train_overrides) - set(TrainSettings.__dataclass_fields__)
         if unknown:
             raise AttackConfigError(f"attack.train_overrides has unknown keys {sorted(unknown)}; use keys of "
