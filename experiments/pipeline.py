@@ -236,7 +236,7 @@ def run_stages(cfg: DictConfig, hc, progress: dict) -> dict:
         indices = budget.indices(data.train.labels)
         if indices is None:
             raise UserError(f"defense={defense.name} needs clean data: use budget=ratio (the default) or budget=spc")
-        validation = getattr(budget, "validation_indices", lambda labels: None)(data.train.labels)
+        validation = budget.validation_indices(data.train.labels)
         defense_data = DefenseData(
             clean=data.train.subset(indices), spec=data.spec, clean_indices=indices,
             validation=None if validation is None else data.train.subset(validation),
