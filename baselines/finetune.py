@@ -4,7 +4,7 @@ Every defense here fine-tunes with the one training loop, ``bdcore.train.train_m
 clean budget ``data.clean`` and in the job's precision ``data.precision``. BackdoorBench's defense loaders
 shuffle and keep the last, smaller batch (``drop_last=False``); its train transform is the random crop (+ flip
 on CIFAR-10) that ``train_model`` applies when ``settings.augment`` is set, the same function the pipeline
-hands over as ``data.augment`` (docs/methods/finetuning.md).
+hands over as ``data.augment`` (docs/methods/defenses.md).
 """
 from __future__ import annotations
 

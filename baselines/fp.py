@@ -15,7 +15,7 @@ Selection (``selection_split``): ``test`` (BackdoorBench's, the default) measure
 ``data.evaluate`` (clean test ACC; ASR / RA recorded beside it); ``validation`` measures clean accuracy on
 ``data.validation``, a split held out of the budget.
 
-Published bugs (``published_bugs: true`` restores them; docs/methods/fp.md):
+Published bugs (``published_bugs: true`` restores them; docs/methods/defenses.md):
 * off-by-one: a level ``num_pruned`` zeroes only ``num_pruned - 1`` columns;
 * aliasing: the model it fine-tunes is the same object it keeps pruning, so it carries the mask of the
   first level that *violated* the rule (or of the last level if none did), not the last acceptable one.

@@ -4,7 +4,7 @@ Cross-entropy, SGD (lr 0.01, momentum 0.9, weight decay 5e-4), batch 256, 100 ep
 schedule whose T_max is 100 whatever the epochs, stepped once per epoch (Tiny-ImageNet: 200 epochs,
 ReduceLROnPlateau on the epoch's mean train loss; conf/defense_dataset/ft_tiny.yaml). The train transform
 (random crop, + flip on CIFAR-10) is applied on the fly; the result is the model after the last epoch,
-nothing is selected (docs/methods/finetuning.md).
+nothing is selected (docs/methods/defenses.md).
 """
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ Effective defaults (BackdoorBench's argparse defaults override its per-dataset y
 smoothing 0.1, adaptive, alpha 0 on every data set; GTSRB 50 epochs; Tiny-ImageNet ReduceLROnPlateau, which
 here is stepped per epoch on the mean train loss (the published per-batch call without a metric raises).
 
-Published bug (``published_bugs: true`` restores it; docs/methods/ftsam.md): un-perturbing subtracts ``e``
+Published bug (``published_bugs: true`` restores it; docs/methods/defenses.md): un-perturbing subtracts ``e``
 from ``w + e`` instead of restoring ``w``, which leaves a float rounding residue every step. By default the
 weights before the ascent are restored exactly.
 """

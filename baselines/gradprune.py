@@ -18,7 +18,7 @@ the attack's trigger function), relabelled to the true label; a validation split
    (true labels, no augmentation), SGD lr 1e-3, momentum 0.9, wd 5e-4, no scheduler, until the validation
    clean loss (sum of batch-mean CE) has not improved for ``tuning_patience`` epochs; the best epoch wins.
 
-Published-code bugs and their switches (README fidelity table): on bias-free convs (PreAct-ResNet18) the
+Published-code bugs and their switches (docs/fidelity.md): on bias-free convs (PreAct-ResNet18) the
 published code zeroes "the next parameter" (a BN gamma, a shortcut filter or a classifier row):
 ``zero_next_param: true``. Its gradient pass leaves the model in eval mode after the first batch:
 ``score_bn_mode: published`` (default ``train``: every batch in train mode, as intended; identical when the

@@ -21,7 +21,7 @@ paired with the last betas so the deepest gets ``beta3``):
   attention map normalises to 1 for any network, so its beta3 term is exactly 0 (other architectures: only
   ``children[:-1]`` with beta3, equally degenerate after global pooling). Each is recomputed by an extra
   forward pass of the student in train mode, which moves BatchNorm running statistics 3-4 times per
-  batch instead of once (docs/methods/nad.md).
+  batch instead of once (docs/methods/defenses.md).
 """
 from __future__ import annotations
 
