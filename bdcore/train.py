@@ -1,4 +1,4 @@
-"""The one training loop (BackdoorBench semantics, specs/attacks.md §1.3), used for backdoor training
+"""The one training loop (BackdoorBench semantics, docs/methods/training.md), used for backdoor training
 and for every fine-tuning defense.
 
 Data stay on the device as uint8; each batch is augmented per sample on the device, normalised and fed
@@ -8,6 +8,7 @@ instead of writing a second loop.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -17,8 +18,11 @@ import torch.nn as nn
 from tqdm.auto import tqdm
 
 from bdcore.data import DatasetSpec, ImageSet, normalize, random_crop_flip
+from bdcore.precision import autocast, grad_scaler, memory_format, resolve_precision
 
 log = logging.getLogger(__name__)
+
+SCHEDULERS = ("cosine", "plateau", "multistep", "constant")
 
 
 @dataclass
@@ -34,9 +38,22 @@ class TrainSettings:
     t_max: int = 100  # BackdoorBench hard-codes 100 whatever the epochs (docs/methods/training.md)
     milestones: tuple[int, ...] = ()
     gamma: float = 0.1
-    amp: bool = True  # only takes effect on CUDA
     augment: bool = True
     drop_last: bool = True
+
+    def __post_init__(self):
+        def check(ok: bool, key: str, value, example: str) -> None:
+            if not ok:
+                raise ValueError(f"train.{key}={value} is invalid; use e.g. train.{key}={example}")
+
+        check(int(self.epochs) >= 1, "epochs", self.epochs, "100")
+        check(int(self.batch_size) >= 1, "batch_size", self.batch_size, "128")
+        check(math.isfinite(float(self.lr)) and float(self.lr) > 0, "lr", self.lr, "0.01")
+        check(0 <= float(self.momentum) < 1, "momentum", self.momentum, "0.9")
+        check(float(self.weight_decay) >= 0, "weight_decay", self.weight_decay, "5.0e-4")
+        check(self.scheduler in SCHEDULERS, "scheduler", self.scheduler, "cosine (or " + ", ".join(SCHEDULERS[1:]) + ")")
+        check(int(self.t_max) >= 1, "t_max", self.t_max, "100")
+        self.milestones = tuple(int(m) for m in self.milestones)
 
 
 @dataclass
@@ -75,17 +92,22 @@ def make_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings):
 
 def train_model(model: nn.Module, data: ImageSet, spec: DatasetSpec, settings: TrainSettings, *,
                 device: torch.device, seed: int = 0, hooks: TrainingHooks | None = None,
-                progress: bool = True, description: str = "train") -> list[dict]:
+                progress: bool = True, description: str = "train", precision: str = "fp32") -> list[dict]:
     """Train `model` in place on `data` (uint8, already poisoned if it is a backdoor training).
 
-    Shuffling and augmentation draw from generators seeded by `seed`, so CPU runs repeat exactly.
+    `precision` (bdcore.precision): fp32, or bf16 / fp16 autocast with fp32 weights and optimizer state
+    (fp16 with a gradient scaler); `auto` is resolved for `device`. The model and the batches take the
+    policy's memory layout while training; the model comes back NCHW. Shuffling and augmentation draw
+    from generators seeded by `seed`, so CPU runs repeat exactly; fp32 on a CPU is the exact reference.
     Returns one history row per epoch (loss, train accuracy, lr, seconds, images/s).
     """
     hooks = hooks or TrainingHooks()
+    device = torch.device(device)
+    precision = resolve_precision(precision, device)
+    layout = memory_format(device, precision)
     model.to(device)
+    model.to(memory_format=layout)  # also turns a channels_last model back to NCHW for exact fp32
     cuda = device.type == "cuda"
-    if cuda:
-        model.to(memory_format=torch.channels_last)
     images, labels = data.images.to(device), data.labels.to(device)
     n = len(labels)
     steps = n // settings.batch_size if settings.drop_last else -(-n // settings.batch_size)
@@ -94,7 +116,7 @@ def train_model(model: nn.Module, data: ImageSet, spec: DatasetSpec, settings: T
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=settings.lr,
                                 momentum=settings.momentum, weight_decay=settings.weight_decay)
     scheduler = make_scheduler(optimizer, settings)
-    scaler = torch.amp.GradScaler(device.type, enabled=cuda and settings.amp)
+    scaler = grad_scaler(device, precision)  # None unless fp16
     criterion = nn.CrossEntropyLoss()
     shuffle_gen = torch.Generator().manual_seed(seed)
     aug_gen = torch.Generator(device=device if cuda else "cpu").manual_seed(seed + 1)
@@ -115,16 +137,16 @@ def train_model(model: nn.Module, data: ImageSet, spec: DatasetSpec, settings: T
             x = normalize(x, spec)
             if hooks.batch_transform is not None:
                 x, y = hooks.batch_transform(x, y, epoch)
-            if cuda:
-                x = x.contiguous(memory_format=torch.channels_last)
+            if layout is torch.channels_last:
+                x = x.contiguous(memory_format=layout)
 
             def forward_backward():
-                with torch.autocast(device.type, enabled=cuda and settings.amp):
+                with autocast(device, precision):
                     out = model(x)
                     total = criterion(out, y)
                     if hooks.extra_loss is not None:
                         total = total + hooks.extra_loss(model, x, y, out, epoch)
-                scaler.scale(total).backward()
+                (total if scaler is None else scaler.scale(total)).backward()
                 return out, total
 
             optimizer.zero_grad(set_to_none=True)
@@ -133,10 +155,15 @@ def train_model(model: nn.Module, data: ImageSet, spec: DatasetSpec, settings: T
             logits, loss = forward_backward()
             if hooks.before_optimizer_step is not None:
                 hooks.before_optimizer_step(model, lambda: forward_backward()[1])
-            scaler.step(optimizer)
-            for extra in hooks.extra_optimizers:
-                scaler.step(extra)
-            scaler.update()
+            if scaler is None:
+                optimizer.step()
+                for extra in hooks.extra_optimizers:
+                    extra.step()
+            else:
+                scaler.step(optimizer)
+                for extra in hooks.extra_optimizers:
+                    scaler.step(extra)
+                scaler.update()
             loss_sum += loss.detach()
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
@@ -155,5 +182,6 @@ def train_model(model: nn.Module, data: ImageSet, spec: DatasetSpec, settings: T
         bar.set_postfix(loss=f"{mean_loss:.3f}", acc=f"{row['train_acc']:.1f}", ips=f"{row['images_per_second']:.0f}")
         log.info("%s epoch %d/%d: loss %.4f, train acc %.2f%%, lr %.5f, %.0f img/s", description, epoch + 1,
                  settings.epochs, mean_loss, row["train_acc"], lr, row["images_per_second"])
+    model.to(memory_format=torch.contiguous_format)  # callers (OTBR, CLP, stores) always see NCHW weights
     model.eval()
     return history

@@ -49,7 +49,7 @@ def job_row(path: Path, record: dict, status: str) -> dict:
     ov = overrides_of(record)
     config = record.get("config", {})
     row = {"dataset": ch.get("dataset"), "model": ch.get("model"), "attack": ch.get("attack"),
-           "defense": ch.get("defense") or record.get("defense", {}).get("name"),
+           "defense": ch.get("defense") or record.get("defense", {}).get("name") or "unknown",
            "seed": parse_value(str(ov.get("seed", config.get("seed", 0)))), "status": status, "job": path.parent.name,
            "_overrides": ov}
     if status == "finished":

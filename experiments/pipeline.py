@@ -129,6 +129,7 @@ def run(cfg: DictConfig) -> dict:
             "stage": progress["stage"], "reason": str(err).strip().splitlines()[0] if str(err).strip() else
             type(err).__name__, "kind": "user" if user else type(err).__name__,
             "traceback": None if user else traceback.format_exc(), "overrides": list(hc.overrides.task),
+            "choices": {k: v for k, v in hc.runtime.choices.items() if not k.startswith("hydra")},
             "config": OmegaConf.to_container(cfg, resolve=True), "time": time.time()})
         raise
     write_json_atomic(out_dir / METRICS, record)
@@ -159,7 +160,11 @@ def run_stages(cfg: DictConfig, hc, progress: dict) -> dict:
     if not cfg.progress:  # every tqdm bar (training, defenses, resource generation) honours it
         os.environ["TQDM_DISABLE"] = "1"
     device = select_device(cfg.device, job_num)
-    precision = resolve_precision(str(cfg.precision), device)
+    try:
+        precision = resolve_precision(str(cfg.precision), device)
+        eval_precision = resolve_precision(str(cfg.eval_precision), device)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     threads = set_threads(cfg, device)
     setup = prepare(cfg, names)
     store = ArtifactStore(cfg.paths.store_dir)
@@ -210,7 +215,7 @@ def run_stages(cfg: DictConfig, hc, progress: dict) -> dict:
                                                      if history else None)}
     timings["backdoor_seconds"] = time.perf_counter() - start
 
-    evaluate = S.Evaluator(trained_attack, data.test, data.spec, device, precision, store=store,
+    evaluate = S.Evaluator(trained_attack, data.test, data.spec, device, eval_precision, store=store,
                            context=backdoor_key)
     progress["stage"] = "evaluate backdoored model"
     start = time.perf_counter()
@@ -273,6 +278,7 @@ def run_stages(cfg: DictConfig, hc, progress: dict) -> dict:
         "dataset": {"name": data.spec.name, "train_size": len(data.train), "test_size": len(data.test)},
         "timings": timings,
         "environment": {"device": str(device), "precision": precision, "precision_requested": str(cfg.precision),
+                        "eval_precision": eval_precision,
                         "capabilities": capabilities(device), "threads": threads, "torch": torch.__version__,
                         "pot": pot_version(),
                         "python": platform.python_version(), "git": git_revision()},

@@ -62,7 +62,7 @@ def test_specs_match_backdoorbench():
     f = dataset_spec("fashion_mnist")
     assert (f.num_classes, f.shape, f.mean, f.std, f.hflip) == (10, (1, 28, 28), (0.2860,), (0.3530,), False)
     s = Synthetic(num_classes=5, channels=1, size=16, pattern_seed=3, train_per_class=2).spec
-    assert (s.num_classes, s.shape, s.mean, s.std, s.hflip) == (5, (1, 16, 16), (0.5,), (0.25,), False)
+    assert (s.num_classes, s.shape, s.hflip) == (5, (1, 16, 16), False)
     assert all(dataset_spec(n).crop_padding == 4 for n in DATASET_NAMES)
 
 
@@ -392,9 +392,9 @@ def test_synthetic_deterministic_balanced():
     assert torch.equal(a_tr.images, b_tr.images) and torch.equal(a_tr.labels, b_tr.labels)
     assert torch.equal(a_te.images, b_te.images)
     assert not torch.equal(a_tr.images, c_tr.images)
-    assert a_tr.images.shape == (4 * 64, 3, 32, 32) and a_te.images.shape == (4 * 32, 3, 32, 32)
+    assert a_tr.images.shape == (4 * 256, 3, 32, 32) and a_te.images.shape == (4 * 64, 3, 32, 32)
     assert a_tr.images.dtype == torch.uint8 and a_tr.labels.dtype == torch.int64
-    assert a_tr.labels.bincount().tolist() == [64] * 4 and a_te.labels.bincount().tolist() == [32] * 4
+    assert a_tr.labels.bincount().tolist() == [256] * 4 and a_te.labels.bincount().tolist() == [64] * 4
     assert not torch.equal(a_tr.images[:len(a_te)], a_te.images)
     # not saturated: most pixels strictly inside (0, 255)
     inside = ((a_tr.images > 0) & (a_tr.images < 255)).float().mean()
