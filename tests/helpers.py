@@ -1,6 +1,7 @@
 """Helpers shared by tests (import with `from helpers import ...`; pytest puts tests/ on the path)."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 # BackdoorBench's resource files, kept beside the repository on the team's machines (never committed)
@@ -45,3 +47,31 @@ def fake_job(root, attack, defense, acc, asr, ref=(90.0, 99.0), overrides=(), se
               "diagnostics": {"pruned_metrics": {"acc": acc - 1, "asr": asr / 2, "ra": 0}},
               "environment": {"precision": "fp32", "threads": 2}}
     (job / "metrics.json").write_text(json.dumps(record))
+
+
+class FakeResources:
+    """attacks.base.AttackResources in memory: `cached` keys on (name, material), round-trips the result
+    through torch.save / weights_only loading like the store, and counts what it produced and was asked."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, model=None):
+        self.model, self.store, self.produced, self.calls, self.clean_model_calls = model, {}, 0, 0, 0
+
+    def cached(self, name, material, produce):
+        self.calls += 1
+        key = (name, json.dumps(material, sort_keys=True))  # material must be JSON-able (the store hashes it)
+        if key not in self.store:
+            self.produced += 1
+            result = produce()
+            assert all(isinstance(v, torch.Tensor) for v in result.values())
+            buffer = io.BytesIO()
+            torch.save(result, buffer)
+            self.store[key] = buffer.getvalue()
+        return torch.load(io.BytesIO(self.store[key]), weights_only=True)
+
+    def clean_model(self):
+        if self.model is None:
+            raise AssertionError("this attack should not need a clean model")
+        self.clean_model_calls += 1
+        return self.model

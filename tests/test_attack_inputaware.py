@@ -1,7 +1,6 @@
 """Input-aware: BackdoorBench's networks and arithmetic (oracles), per-batch poisoning through the training
 hooks, the mask pretraining and its cache, the epoch accounting, and rebuilding bd_test from the state."""
 import io
-import json
 
 import numpy as np
 import pytest
@@ -19,28 +18,9 @@ from bdcore.datasets import make_synthetic
 from bdcore.evaluate import backdoor_metrics
 from bdcore.models import PreActResNet18
 from bdcore.train import TrainSettings, train_model
+from helpers import FakeResources
 
 SPEC16 = DatasetSpec("synthetic", 4, 3, 16, 16, (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261), hflip=True)
-
-
-class FakeResources:
-    """In-memory AttackResources: `cached` produces once per (name, material) and counts the productions."""
-
-    device = torch.device("cpu")
-
-    def __init__(self):
-        self.store, self.produced, self.calls = {}, 0, 0
-
-    def cached(self, name, material, produce):
-        self.calls += 1
-        key = (name, json.dumps(material, sort_keys=True))
-        if key not in self.store:
-            self.produced += 1
-            self.store[key] = {k: v.clone() for k, v in produce().items()}
-        return {k: v.clone() for k, v in self.store[key].items()}
-
-    def clean_model(self):
-        raise AssertionError("Input-aware needs no clean model")
 
 
 def tiny_attack(spec=SPEC16, **kw):

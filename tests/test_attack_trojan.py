@@ -3,7 +3,6 @@ in its mask and raises the selected neurons; stamping (saturate / published wrap
 switches; poisoning, bd_test, the saved state, caching through the resources, determinism."""
 import copy
 import io
-import json
 
 import numpy as np
 import pytest
@@ -19,34 +18,10 @@ from bdcore.data import DatasetSpec, normalize
 from bdcore.datasets import make_synthetic
 from bdcore.models import PreActResNet18
 from bdcore.train import TrainSettings, train_model
-from helpers import ROOT
+from helpers import FakeResources, ROOT
 
 SYN = DatasetSpec("synthetic", 4, 3, 32, 32, (0.5,) * 3, (0.25,) * 3)
 FAST = dict(iterations=60, progress=False)
-
-
-class FakeResources:
-    """AttackResources in memory: `cached` keys on (name, material) and counts how often it produces."""
-
-    device = torch.device("cpu")
-
-    def __init__(self, model):
-        self.model, self.store, self.produced, self.clean_model_calls = model, {}, 0, 0
-
-    def cached(self, name, material, produce):
-        key = (name, json.dumps(material, sort_keys=True))  # material must be JSON-able (the store hashes it)
-        if key not in self.store:
-            self.produced += 1
-            result = produce()
-            assert all(isinstance(v, torch.Tensor) for v in result.values())
-            buffer = io.BytesIO()
-            torch.save(result, buffer)
-            self.store[key] = buffer.getvalue()
-        return torch.load(io.BytesIO(self.store[key]), weights_only=True)
-
-    def clean_model(self):
-        self.clean_model_calls += 1
-        return self.model
 
 
 @pytest.fixture(scope="module")
