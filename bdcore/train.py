@@ -46,7 +46,7 @@ class TrainSettings:
             if not ok:
                 raise ValueError(f"train.{key}={value} is invalid; use e.g. train.{key}={example}")
 
-        check(int(self.epochs) >= 1, "epochs", self.epochs, "100")
+        check(int(self.epochs) >= 0, "epochs", self.epochs, "100")  # 0 = no training (e.g. FP without fine-tuning)
         check(int(self.batch_size) >= 1, "batch_size", self.batch_size, "128")
         check(math.isfinite(float(self.lr)) and float(self.lr) > 0, "lr", self.lr, "0.01")
         check(0 <= float(self.momentum) < 1, "momentum", self.momentum, "0.9")

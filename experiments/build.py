@@ -96,7 +96,11 @@ def model_factory(cfg: DictConfig, spec: DatasetSpec) -> Callable[[], torch.nn.M
 
 
 def train_settings(cfg: DictConfig) -> TrainSettings:
-    return build(cfg.train, "train")
+    settings = build(cfg.train, "train")
+    if settings.epochs < 1 and not cfg.backdoor_checkpoint:
+        raise UserError(f"train.epochs={settings.epochs}: a backdoored model needs at least one epoch; "
+                        "use e.g. train.epochs=100")
+    return settings
 
 
 @dataclass
