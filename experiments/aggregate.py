@@ -107,7 +107,7 @@ def split_settings(df: pd.DataFrame) -> tuple[list[str], list[str]]:
 
 
 def column_label(row, defense_keys) -> str:
-    parts = [f"{k.removeprefix('defense.')}={row[k]}" for k in defense_keys if row.get(k) is not None]
+    parts = [f"{k.removeprefix('defense.')}={row[k]}" for k in defense_keys if pd.notna(row.get(k))]
     return row["defense"] if not parts else f"{row['defense']}[{','.join(parts)}]"
 
 
