@@ -19,6 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from bdcore.data import DefenseData, ImageSet
 from bdcore.evaluate import accuracy
+from bdcore.io import device_of
 from bdcore.train import TrainingHooks, TrainSettings, train_model
 
 SCHEDULERS = ("cosine", "plateau", "multistep", "constant")
@@ -145,10 +146,7 @@ def clean_accuracy(model: nn.Module, images: ImageSet, data: DefenseData, device
 
 
 def resolve_device(model: nn.Module, device) -> torch.device:
-    if device is not None:
-        return torch.device(device)
-    first = next(model.parameters(), None)
-    return first.device if first is not None else torch.device("cpu")
+    return torch.device(device) if device is not None else device_of(model)
 
 
 def require_finite(model: nn.Module, name: str) -> None:

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from bdcore.data import ImageSet
+
 ROOT = Path(__file__).resolve().parents[1]
 # BackdoorBench's resource files, kept beside the repository on the team's machines (never committed)
 SHARED_BB = ROOT.parent / "shared" / "data" / "backdoorbench"
@@ -75,3 +77,23 @@ class FakeResources:
             raise AssertionError("this attack should not need a clean model")
         self.clean_model_calls += 1
         return self.model
+
+
+class Guarded(ImageSet):
+    """An ImageSet counting reads of its tensors, or forbidding them."""
+
+    def __init__(self, base: ImageSet, forbid: bool = False):
+        super().__init__(base.images, base.labels)
+        object.__setattr__(self, "_forbid", forbid)
+        object.__setattr__(self, "reads", 0)
+
+    def __getattribute__(self, name):
+        if name in ("images", "labels"):
+            try:
+                forbid = object.__getattribute__(self, "_forbid")
+            except AttributeError:  # still inside __init__
+                return object.__getattribute__(self, name)
+            if forbid:
+                raise AssertionError(f"the defense read {name} of a set it must not touch")
+            object.__setattr__(self, "reads", object.__getattribute__(self, "reads") + 1)
+        return object.__getattribute__(self, name)

@@ -13,6 +13,7 @@ from baselines.fp import (accuracy_kept, activation_order, channels_to_prune, de
 from bdcore.data import DatasetSpec, DefenseData, ImageSet, normalize, random_crop_flip
 from bdcore.datasets import make_synthetic
 from bdcore.models import PreActResNet18
+from helpers import Guarded
 
 CHANNELS = 16
 HAND_SPEC = DatasetSpec("hand", 4, CHANNELS, 6, 6, (0.0,) * CHANNELS, (1.0,) * CHANNELS)
@@ -29,26 +30,6 @@ class HandNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.pool(x))
-
-
-class Guarded(ImageSet):
-    """An ImageSet counting reads of its tensors, or forbidding them."""
-
-    def __init__(self, base: ImageSet, forbid: bool = False):
-        super().__init__(base.images, base.labels)
-        object.__setattr__(self, "_forbid", forbid)
-        object.__setattr__(self, "reads", 0)
-
-    def __getattribute__(self, name):
-        if name in ("images", "labels"):
-            try:
-                forbid = object.__getattribute__(self, "_forbid")
-            except AttributeError:  # still inside __init__
-                return object.__getattribute__(self, name)
-            if forbid:
-                raise AssertionError(f"the defense read {name} of a set it must not touch")
-            object.__setattr__(self, "reads", object.__getattribute__(self, "reads") + 1)
-        return object.__getattribute__(self, name)
 
 
 def hand_data(channel_values, n=24, seed=0):

@@ -14,28 +14,9 @@ from baselines.nad import (AttentionDistillation, Capture, attention_loss, atten
 from bdcore.data import DatasetSpec, DefenseData, ImageSet, random_crop_flip
 from bdcore.datasets import make_synthetic
 from bdcore.models import PreActResNet18
+from helpers import Guarded
 
 SPEC = DatasetSpec("synthetic", 4, 3, 32, 32, (0.5,) * 3, (0.25,) * 3, hflip=True)
-
-
-class Guarded(ImageSet):
-    """An ImageSet counting reads of its tensors, or forbidding them."""
-
-    def __init__(self, base: ImageSet, forbid: bool = False):
-        super().__init__(base.images, base.labels)
-        object.__setattr__(self, "_forbid", forbid)
-        object.__setattr__(self, "reads", 0)
-
-    def __getattribute__(self, name):
-        if name in ("images", "labels"):
-            try:
-                forbid = object.__getattribute__(self, "_forbid")
-            except AttributeError:  # still inside __init__
-                return object.__getattribute__(self, name)
-            if forbid:
-                raise AssertionError(f"the defense read {name} of a set it must not touch")
-            object.__setattr__(self, "reads", object.__getattribute__(self, "reads") + 1)
-        return object.__getattribute__(self, name)
 
 
 def tiny_model(seed=0) -> nn.Module:
