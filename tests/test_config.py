@@ -54,6 +54,34 @@ def test_every_specialisation_applies(defense_dataset):
     assert cfg["defense"]["_target_"] == f"baselines.{defense}.defend"
 
 
+SCALED = [(group, p.stem.split("_", 1)[1]) for group in ("attack", "defense")
+          for p in sorted((CONF / f"scaled_{group}").glob("cpu_*.yaml"))]
+
+
+@pytest.mark.parametrize("group, option", SCALED, ids=[f"{g}={o}" for g, o in SCALED])
+def test_cpu_scale_applies_only_under_the_cpu_presets(group, option):
+    """scale=cpu (the CPU presets) merges scaled_<group>/cpu_<option>.yaml; published keeps the group's file;
+    the command line still wins."""
+    scaled = OmegaConf.to_container(OmegaConf.load(CONF / f"scaled_{group}" / f"cpu_{option}.yaml"))
+    published = compose_with([f"{group}={option}"])[group]
+    for preset in ("quickstart", "fmnist"):
+        node = compose_with([f"{group}={option}", f"experiment={preset}"])[group]
+        assert all(node[k] == v for k, v in scaled.items()), preset
+    assert any(published[k] != v for k, v in scaled.items())
+    key, value = next(iter(scaled.items()))
+    assert compose_with([f"{group}={option}", "experiment=quickstart", "scale=published"])[group][key] == published[key]
+    assert compose_with([f"{group}={option}", "experiment=quickstart", f"{group}.{key}={published[key]}"]
+                        )[group][key] == published[key]
+
+
+def test_cpu_scale_leaves_the_converged_study_unchanged():
+    """BadNets, Blended, OTBR and CLP have no CPU-sized file: the fmnist study's configs are the published ones."""
+    for attack in ("badnet", "blended"):
+        for defense in ("none", "otbr", "clp"):
+            args = [f"attack={attack}", f"defense={defense}", "experiment=fmnist"]
+            assert compose_with(args) == compose_with(args + ["scale=published"])
+
+
 def test_train_schedule_follows_the_dataset():
     assert compose_with(["dataset=gtsrb"])["train"]["epochs"] == 50
     tiny = compose_with(["dataset=tiny"])["train"]
