@@ -192,7 +192,9 @@ class BPP(Attack):
             return random_post_tensor_transform(x, self.spec, generator, self.random_crop,
                                                 self.random_rotation), y
 
-        return TrainingHooks(batch_transform=batch_transform)
+        return TrainingHooks(batch_transform=batch_transform,
+                             resumable_state=lambda: {"generator": generator.get_state()},
+                             load_resumable_state=lambda state: generator.set_state(state["generator"]))
 
     def state_dict(self) -> dict:
         return {"squeeze_num": self.squeeze_num, "dithering": self.dithering}

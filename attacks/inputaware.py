@@ -412,8 +412,25 @@ class InputAware(Attack):
         def on_epoch_end(epoch: int):
             scheduler.step()
 
+        def resumable_state() -> dict:  # at an epoch boundary: the next batch starts a new stream epoch
+            return {"generator": self.generator.state_dict(), "scheduler": scheduler.state_dict(),
+                    "stream_order": stream.order_gen.get_state(), "stream_augment": stream.aug_gen.get_state(),
+                    "count": count_gen.get_state(),  # the published variant also carries G's gradients over
+                    "generator_grads": [None if q.grad is None else q.grad.detach().cpu().clone()
+                                        for q in self.generator.parameters()]}
+
+        def load_resumable_state(state: dict) -> None:
+            self.generator.load_state_dict(state["generator"])
+            scheduler.load_state_dict(state["scheduler"])
+            stream.order_gen.set_state(state["stream_order"])
+            stream.aug_gen.set_state(state["stream_augment"])
+            count_gen.set_state(state["count"])
+            for q, grad in zip(self.generator.parameters(), state["generator_grads"]):
+                q.grad = None if grad is None else grad.to(q.device)
+
         return TrainingHooks(batch_transform=batch_transform, extra_loss=extra_loss,
-                             extra_optimizers=[optimizer], on_epoch_end=on_epoch_end)
+                             extra_optimizers=[optimizer], on_epoch_end=on_epoch_end,
+                             resumable_state=resumable_state, load_resumable_state=load_resumable_state)
 
     def poison_batch(self, x1: torch.Tensor, y1: torch.Tensor, x2: torch.Tensor, num_bd: int):
         """One Stage-B batch (normalised inputs): [backdoor | cross | clean] and its labels, plus the

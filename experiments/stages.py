@@ -23,7 +23,7 @@ from attacks.base import Attack
 from bdcore.data import DatasetSpec, ImageSet
 from bdcore.evaluate import backdoor_metrics
 from bdcore.io import torch_save_atomic
-from bdcore.train import TrainSettings, train_model
+from bdcore.train import EpochCheckpoint, TrainSettings, train_model
 from experiments.build import UserError
 from experiments.store import ArtifactStore, config_key
 
@@ -130,12 +130,20 @@ def load_checkpoint_into(model: torch.nn.Module, path: str, model_name: str) -> 
                         "choose the model/dataset it was trained with (docs/checkpoints.md)") from None
 
 
+def resumed_epochs(history: list[dict]) -> int:
+    """Epochs restored from a killed earlier run's checkpoint (0 = trained afresh)."""
+    return sum(1 for row in history if row.get("resumed"))
+
+
 def train_backdoored_model(store: ArtifactStore, key: str, material: dict, *, attack: Attack, train: ImageSet,
                            spec: DatasetSpec, make_model: Callable[[], torch.nn.Module], settings: TrainSettings,
                            seed: int, device: torch.device, precision: str, progress: bool,
-                           resources, description: str) -> tuple[torch.nn.Module, dict, dict, bool]:
-    """Train once per key; later calls load the model and the attack state from the store.
+                           resources, description: str, checkpoint_every: int = 1
+                           ) -> tuple[torch.nn.Module, dict, dict, bool]:
+    """Train once per key; later calls load the model and the attack state from the store. The training
+    saves a checkpoint every `checkpoint_every` epochs under the same key, so a killed job resumes it.
     Returns (model on device in eval mode, attack state, marker meta, created_now)."""
+    checkpoint = EpochCheckpoint(store.checkpoint_path("backdoor", key), checkpoint_every)
 
     def produce(tmp: Path) -> dict:
         attack.prepare(train, resources)
@@ -145,8 +153,9 @@ def train_backdoored_model(store: ArtifactStore, key: str, material: dict, *, at
         start = time.perf_counter()
         history = train_model(model, poisoned.data, spec, attack.training_settings(settings), device=device,
                               seed=seed, hooks=attack.training_hooks(model, device), progress=progress,
-                              description=description, precision=precision)
-        seconds = time.perf_counter() - start
+                              description=description, precision=precision, checkpoint=checkpoint)
+        resumed = resumed_epochs(history)
+        seconds = time.perf_counter() - start + sum(h["seconds"] for h in history[:resumed])
         weights = {k: v.detach().cpu() for k, v in model.state_dict().items()}
         if not all_finite(weights) or not all(math.isfinite(h["loss"]) for h in history):
             raise UserError("training diverged (NaN/Inf loss or weights); lower train.lr or check the attack settings")
@@ -154,10 +163,11 @@ def train_backdoored_model(store: ArtifactStore, key: str, material: dict, *, at
         torch.save(attack.state_dict(), tmp / "attack.pt")
         torch.save(poisoned.poison_indices, tmp / "poison_indices.pt")
         return {"train_seconds": seconds, "history": history, "poisoned": len(poisoned.poison_indices),
-                "train_size": len(train),
+                "train_size": len(train), "resumed_from_epoch": resumed,
                 "resource_seconds": getattr(attack, "generation_seconds", None)}
 
     path, marker, created = store.get_or_create("backdoor", key, produce, description=material)
+    checkpoint.discard()
     model = make_model()
     model.load_state_dict(safe_load(path / "model.pt", "store artifact"))
     state = safe_load(path / "attack.pt", "store artifact")
@@ -166,20 +176,26 @@ def train_backdoored_model(store: ArtifactStore, key: str, material: dict, *, at
 
 def train_clean_model(store: ArtifactStore, material: dict, *, train: ImageSet, spec: DatasetSpec,
                       make_model: Callable[[], torch.nn.Module], settings: TrainSettings, seed: int,
-                      device: torch.device, precision: str, progress: bool) -> torch.nn.Module:
+                      device: torch.device, precision: str, progress: bool,
+                      checkpoint_every: int = 1) -> torch.nn.Module:
     """A clean model (no poisoning) trained once per (dataset, model, train, seed, precision) and shared by every
-    attack that needs one (LF's perturbation search, TrojanNN's trigger)."""
+    attack that needs one (LF's perturbation search, TrojanNN's trigger); resumable like the backdoored one."""
+    key = config_key(material)
+    checkpoint = EpochCheckpoint(store.checkpoint_path("clean", key), checkpoint_every)
 
     def produce(tmp: Path) -> dict:
         seed_everything(seed)
         model = make_model()
         start = time.perf_counter()
         history = train_model(model, train, spec, settings, device=device, seed=seed, progress=progress,
-                              description="clean model", precision=precision)
+                              description="clean model", precision=precision, checkpoint=checkpoint)
         torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / "model.pt")
-        return {"train_seconds": time.perf_counter() - start, "history": history}
+        resumed = resumed_epochs(history)
+        return {"train_seconds": time.perf_counter() - start + sum(h["seconds"] for h in history[:resumed]),
+                "history": history, "resumed_from_epoch": resumed}
 
-    path, _, _ = store.get_or_create("clean", config_key(material), produce, description=material)
+    path, _, _ = store.get_or_create("clean", key, produce, description=material)
+    checkpoint.discard()
     model = make_model()
     model.load_state_dict(safe_load(path / "model.pt", "store artifact"))
     return model.to(device).eval()

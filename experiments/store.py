@@ -47,6 +47,10 @@ class ArtifactStore:
     def path(self, kind: str, key: str) -> Path:
         return self.root / kind / key
 
+    def checkpoint_path(self, kind: str, key: str) -> Path:
+        """Where the producer of (kind, key) keeps its resumable training state until the artifact is complete."""
+        return self.root / "checkpoints" / f"{kind}-{key}.pt"
+
     def load(self, kind: str, key: str) -> tuple[Path, dict] | None:
         """The artifact's directory and marker if it is complete and every checksum matches, else None."""
         final = self.path(kind, key)
