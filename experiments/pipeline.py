@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 METRICS, FAILED = "metrics.json", "failed.json"
 # settings that never change a result: a rerun that differs only in these is the same job
-NOT_RESULT_KEYS = ("progress", "device", "threads", "logger", "paths")
+NOT_RESULT_KEYS = ("progress", "device", "threads", "logger", "paths", "checkpoint_every")
 
 
 def git_revision() -> str | None:
@@ -89,6 +89,18 @@ def backdoor_material(cfg: DictConfig, data: B.Data, precision: str, threads: in
     return material
 
 
+def attack_resources(cfg: DictConfig, store: ArtifactStore, material: dict, data: B.Data,
+                     make_model, settings, device: torch.device, precision: str) -> StoreResources:
+    """What an attack's `prepare` generates or loads, keyed by the backdoored model's material minus the attack:
+    a resource (LF pattern, TrojanNN trigger) is made against the clean model of this exact cell."""
+    clean_material = {k: material[k] for k in material if k != "attack"}
+    return StoreResources(store, device, clean_material,
+                          lambda: S.train_clean_model(store, clean_material, train=data.train, spec=data.spec,
+                                                      make_model=make_model, settings=settings, seed=cfg.seed,
+                                                      device=device, precision=precision, progress=cfg.progress,
+                                                      checkpoint_every=cfg.get("checkpoint_every", 1)))
+
+
 def previous_result(out_dir: Path, cfg: DictConfig) -> dict | None:
     """The job's metrics.json if it finished with this config; refuses to overwrite another config's result."""
     path = out_dir / METRICS
@@ -140,6 +152,9 @@ def run(cfg: DictConfig) -> dict:
 def prepare(cfg: DictConfig, names: dict) -> dict:
     """Build every object a job needs from its config, without reading data or training: a bad value fails
     here, in one line, before any work (the data source knows its spec before loading)."""
+    every = cfg.get("checkpoint_every", 1)
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise UserError(f"checkpoint_every={every} is invalid; use an epoch count >= 1, e.g. checkpoint_every=5")
     defense = B.build_defense(cfg, names["defense"])
     budget = None if defense.traits.data_free else B.build_budget(cfg)
     settings = B.train_settings(cfg)
@@ -193,22 +208,17 @@ def run_stages(cfg: DictConfig, hc, progress: dict) -> dict:
     else:
         material = backdoor_material(cfg, data, precision, threads, device)
         backdoor_key = config_key(material)
-        clean_material = {k: material[k] for k in material if k != "attack"}
-        # a resource (LF pattern, TrojanNN trigger) is made against the clean model of this exact cell
-        resources = StoreResources(store, device, clean_material,
-                                   lambda: S.train_clean_model(store, clean_material, train=data.train,
-                                                               spec=data.spec, make_model=make_model,
-                                                               settings=settings, seed=cfg.seed, device=device,
-                                                               precision=precision, progress=cfg.progress))
+        resources = attack_resources(cfg, store, material, data, make_model, settings, device, precision)
         model, state, meta, created = S.train_backdoored_model(
             store, backdoor_key, material, attack=attack, train=data.train, spec=data.spec, make_model=make_model,
             settings=settings, seed=cfg.seed, device=device, precision=precision, progress=cfg.progress,
-            resources=resources, description=f"backdoor {names['attack']}")
+            resources=resources, description=f"backdoor {names['attack']}", checkpoint_every=cfg.get("checkpoint_every", 1))
         trained_attack = attack.restored(state)
         history = meta["history"]
         backdoor_info = {"source": "trained" if created else "store", "key": backdoor_key,
                          "poisoned": meta["poisoned"], "train_size": meta["train_size"],
                          "train_seconds": meta["train_seconds"], "resource_seconds": meta.get("resource_seconds"),
+                         "resumed_from_epoch": meta.get("resumed_from_epoch", 0),
                          "resources": resources.used,
                          "final_train_loss": history[-1]["loss"] if history else None,
                          "train_images_per_second": (sum(h["images_per_second"] for h in history) / len(history)
