@@ -1,13 +1,21 @@
 """Trigger preview: a PNG grid of clean test images, the same images poisoned, and the residual magnified.
 
-    python -m experiments.preview attack=blended dataset=cifar10 [n=8] [out=preview.png] [attack.alpha=0.3 ...]
+    python -m experiments.preview attack=blended dataset=cifar10 [n=8] [out=preview.png] [store=true] [attack.alpha=0.3 ...]
+    python -m experiments.preview experiment=quickstart attack=ssba threads=1   # the quickstart's own trigger
 
-Any other key=value is a Hydra override of the project's config (conf/). Attacks that generate their
-trigger from a clean model (lf, trojan) need the pipeline's resources; `preview(..., resources=...)` takes
+Any other key=value is a Hydra override of the project's config (conf/), presets included. The preview
+keys everything like the pipeline does (run.py), so it shows the trigger a job of the same config uses:
+if that job's backdoored model is in the artifact store (`paths.store_dir`), the attack state stored with
+it (Input-aware's generator is trained with the classifier, so only that state shows its real trigger);
+otherwise the attack is prepared with the store's resources, generating them (LF pattern, TrojanNN
+trigger and their clean model, SSBA encoder, Input-aware mask) where a job would, and leaving them there
+for it. CPU results and keys depend on the thread count: pass the sweep's `threads=`. `store=false` uses
+no store (attacks that generate a trigger then stop with one line); `preview(..., resources=...)` takes
 any object with `cached` / `clean_model` / `device` (attacks.base.AttackResources).
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -83,44 +91,86 @@ def write_grid(clean: torch.Tensor, poisoned: torch.Tensor, out: str | Path, tit
 
 
 def preview(attack: Attack, train: ImageSet, test: ImageSet, n: int = 8, out: str | Path = "preview.png",
-            resources=None, name: str = "attack") -> Path:
-    """Prepare the attack (generating its trigger if it needs to) and write the grid."""
-    attack.prepare(train, resources if resources is not None else NoResources(name))
+            resources=None, name: str = "attack", state: dict | None = None) -> Path:
+    """Write the grid of the attack's trigger: with `state` (what a backdoored model was trained with) that
+    one, else the attack prepared with `resources` (generating its trigger if it needs to)."""
+    if state is not None:
+        attack, origin = attack.restored(state), "stored backdoored model's trigger"
+    else:
+        attack.prepare(train, resources if resources is not None else NoResources(name))
+        origin = "trigger prepared for training"
     clean, poisoned = preview_images(attack, test, n)
     if len(clean) == 0:
         raise AttackConfigError(f"the test set has no image outside attack.target={attack.target} to preview")
-    return write_grid(clean, poisoned, out, f"{name} on {attack.spec.name}: {len(clean)} non-target test images")
+    return write_grid(clean, poisoned, out,
+                      f"{name} on {attack.spec.name}: {len(clean)} non-target test images ({origin})")
 
 
-def parse_args(argv: list[str]) -> tuple[list[str], int, str | None]:
-    """Split `n=` and `out=` from the Hydra overrides."""
-    overrides, n, out = [], 8, None
+def store_context(cfg, data, make_model, settings) -> tuple[dict | None, object]:
+    """The pipeline's view of this config's store: (the stored attack state of its backdoored model or None,
+    the resources a job of this config would prepare the attack with)."""
+    from bdcore.device import select_device
+    from bdcore.precision import resolve_precision
+    from experiments import pipeline as P
+    from experiments.stages import safe_load
+    from experiments.store import ArtifactStore, config_key
+
+    device = select_device(cfg.device, 0)
+    try:
+        precision = resolve_precision(str(cfg.precision), device)
+    except ValueError as err:
+        raise AttackConfigError(str(err)) from None
+    # a one-job run's default (run.py: usable cores / 1 parallel job); the store key counts it on CPUs
+    threads = int(cfg.threads) if cfg.threads is not None else len(os.sched_getaffinity(0))
+    if threads < 1:
+        raise AttackConfigError(f"threads={cfg.threads} must be >= 1 (or null for the usable cores)")
+    torch.set_num_threads(threads)
+    store = ArtifactStore(cfg.paths.store_dir)
+    material = P.backdoor_material(cfg, data, precision, threads, device)
+    found = store.load("backdoor", config_key(material))
+    state = safe_load(found[0] / "attack.pt", "store artifact") if found is not None else None
+    return state, P.attack_resources(cfg, store, material, data, make_model, settings, device, precision)
+
+
+def parse_args(argv: list[str]) -> tuple[list[str], int, str | None, bool]:
+    """Split `n=`, `out=` and `store=` from the Hydra overrides."""
+    overrides, n, out, use_store = [], 8, None, True
     for arg in argv:
         key, _, value = arg.partition("=")
         if key == "n":
             n = int(value)
         elif key == "out":
             out = value
+        elif key == "store":
+            if value.lower() not in ("true", "false"):
+                raise AttackConfigError(f"store={value}: use store=true (the artifact store) or store=false")
+            use_store = value.lower() == "true"
         else:
             overrides.append(arg)
     if n < 1:
         raise AttackConfigError(f"n={n}: the preview needs at least one image, e.g. n=8")
-    return overrides, n, out
+    return overrides, n, out, use_store
 
 
 def main(argv: list[str] | None = None, resources=None) -> Path:
     from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
 
-    overrides, n, out = parse_args(sys.argv[1:] if argv is None else argv)
+    from experiments import build as B
+
+    overrides, n, out, use_store = parse_args(sys.argv[1:] if argv is None else argv)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    if not cfg.progress:
+        os.environ["TQDM_DISABLE"] = "1"
     attack_name = cfg.hydra.runtime.choices.attack
-    source = instantiate(cfg.dataset)
-    train, test = source.load()
-    attack = instantiate(cfg.attack, spec=source.spec)
+    source = B.build_source(cfg)
+    attack = B.build_attack(cfg, source.spec)
+    data = B.load_data(source)
+    state = None
+    if resources is None and use_store:
+        state, resources = store_context(cfg, data, B.model_factory(cfg, source.spec), B.train_settings(cfg))
     out = out or f"preview_{attack_name}_{source.spec.name}.png"
-    path = preview(attack, train, test, n=n, out=out, resources=resources, name=attack_name)
+    path = preview(attack, data.train, data.test, n=n, out=out, resources=resources, name=attack_name, state=state)
     print(path)
     return path
 
