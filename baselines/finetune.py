@@ -102,11 +102,11 @@ def scheduled_learning_rates(lr: float, scheduler: str, t_max: int, steps: int) 
 def learning_rate_per_step(model: nn.Module, rates: Sequence[float]) -> Iterator[dict]:
     """Set the learning rate of the optimizer that trains `model` before each of its steps.
 
-    ``train_model`` steps its scheduler once per epoch; defenses whose published schedule changes the
-    rate per batch (FT-SAM's cosine) or per epoch by a rule no torch scheduler expresses (NAD's student)
-    run with ``scheduler="constant"`` inside this context. It uses torch's global optimizer step pre-hook,
-    acting only on the optimizer that holds `model`'s first trainable parameter. Yields a dict whose
-    ``"steps"`` counts the steps taken.
+    No defense uses it any more: FT-SAM and NAD pass their per-step rates as
+    ``TrainingHooks.learning_rates``. It stays only because tests/test_defense_ft.py still tests it;
+    delete the two together. It uses torch's global optimizer step pre-hook, acting only on the
+    optimizer that holds `model`'s first trainable parameter. Yields a dict whose ``"steps"`` counts
+    the steps taken.
     """
     anchor = next(p for p in model.parameters() if p.requires_grad)
     counter = {"steps": 0}

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from baselines.base import defense
-from baselines.finetune import (Stopwatch, check, finetune_settings, history_summary, learning_rate_per_step,
+from baselines.finetune import (Stopwatch, check, finetune_settings, history_summary,
                                 require_clean_data, require_finite, resolve_device, scheduled_learning_rates,
                                 steps_per_epoch, train_on_clean, validate_schedule)
 from bdcore.train import TrainingHooks
@@ -213,16 +213,11 @@ def defend(model: nn.Module, data, *, seed: int = 0, device=None, progress: bool
                                  t_max=t_max, augment=data.augment is not None)
     ascent = SharpnessAwareAscent(rho_schedule(rates, lr, rho_max, rho_min), adaptive=adaptive, alpha=alpha,
                                   published_bugs=published_bugs)
-    hooks = TrainingHooks(before_optimizer_step=ascent,
+    hooks = TrainingHooks(before_optimizer_step=ascent, learning_rates=rates,
                           extra_loss=smoothing_correction(label_smoothing) if label_smoothing else None)
     with Stopwatch() as clock:
-        if per_batch:
-            with learning_rate_per_step(tuned, rates):
-                history = train_on_clean(tuned, data, settings, device=device, seed=seed, hooks=hooks,
-                                         progress=progress, description="ftsam")
-        else:
-            history = train_on_clean(tuned, data, settings, device=device, seed=seed, hooks=hooks,
-                                     progress=progress, description="ftsam")
+        history = train_on_clean(tuned, data, settings, device=device, seed=seed, hooks=hooks,
+                                 progress=progress, description="ftsam")
     tuned.eval()
     require_finite(tuned, "ftsam")
     return tuned, {

@@ -32,7 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from baselines.base import defense
-from baselines.finetune import (Stopwatch, check, finetune_settings, history_summary, learning_rate_per_step,
+from baselines.finetune import (Stopwatch, check, finetune_settings, history_summary,
                                 require_clean_data, require_finite, resolve_device, steps_per_epoch,
                                 train_on_clean, validate_schedule)
 from bdcore.data import normalize
@@ -224,10 +224,10 @@ def defend(model: nn.Module, data, *, seed: int = 0, device=None, progress: bool
         settings = finetune_settings(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                                      weight_decay=weight_decay, scheduler="constant", t_max=t_max, augment=augment)
         try:
-            with Stopwatch() as student_clock, learning_rate_per_step(student, rates):
+            with Stopwatch() as student_clock:
                 student_history = train_on_clean(student, data, settings, device=device, seed=seed + 2,
-                                                 hooks=TrainingHooks(extra_loss=distil), progress=progress,
-                                                 description="nad student")
+                                                 hooks=TrainingHooks(extra_loss=distil, learning_rates=rates),
+                                                 progress=progress, description="nad student")
         finally:
             teacher_capture.remove()
             if student_capture is not None:
