@@ -47,11 +47,6 @@ SELECTION_SPLITS = ("validation", "test")
 SCORE_BN_MODES = ("train", "published", "eval")
 
 
-class _PatienceExhausted(Exception):
-    """Raised from the epoch-end hook to stop the one training loop (train_model has no stop hook)."""
-
-
-
 def _check(ok: bool, key: str, value, expected: str) -> None:
     if not ok:
         raise ValueError(f"gradprune {key}={value!r} must be {expected}")
@@ -296,22 +291,17 @@ def fine_tune(model: nn.Module, clean: torch.Tensor, triggered: torch.Tensor, la
             patience[0] = 0
         else:
             patience[0] += 1
-        if patience[0] >= patience_limit:
-            raise _PatienceExhausted
+        return patience[0] >= patience_limit  # True stops train_model after this epoch
 
     settings = TrainSettings(epochs=max_epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                              weight_decay=weight_decay, scheduler="constant", augment=False,
                              drop_last=False)
     hooks = TrainingHooks(batch_transform=split_pair, extra_loss=triggered_loss,
                           before_optimizer_step=freeze_pruned if frozen_filters else None, on_epoch_end=after_epoch)
-    exhausted = False
     if patience_limit > 0:
-        try:
-            train_model(model, paired, spec, settings, device=device, seed=seed, hooks=hooks, progress=progress,
-                        description="gradprune fine-tune", precision=precision)
-        except _PatienceExhausted:
-            exhausted = True
-            model.to(memory_format=torch.contiguous_format)   # what train_model does on a normal return
+        train_model(model, paired, spec, settings, device=device, seed=seed, hooks=hooks, progress=progress,
+                    description="gradprune fine-tune", precision=precision)
+    exhausted = patience_limit > 0 and patience[0] >= patience_limit
     tuned = copy.deepcopy(model)
     tuned.load_state_dict(best["state"])
     return tuned.eval(), {"epochs_run": len(history), "best_epoch": best["epoch"], "best_loss": best["loss"],
