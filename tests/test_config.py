@@ -82,6 +82,20 @@ def test_cpu_scale_leaves_the_converged_study_unchanged():
             assert compose_with(args) == compose_with(args + ["scale=published"])
 
 
+@pytest.mark.parametrize("defense, budget", [("ftsam", "class_balanced"), ("gradprune", "spc")])
+def test_defense_picks_its_published_budget(defense, budget):
+    """FT-SAM draws class-balanced (BackdoorBench's choose_by_class), Grad-Prune samples per class with a
+    validation split; the other defenses keep the job's default; the command line still wins."""
+    expected = OmegaConf.to_container(OmegaConf.load(CONF / "budget" / f"{budget}.yaml"))
+    for preset in ([], ["experiment=quickstart"]):
+        assert compose_with([f"defense={defense}", *preset])["budget"] == expected
+    ratio = OmegaConf.to_container(OmegaConf.load(CONF / "budget" / "ratio.yaml"))
+    assert compose_with([f"defense={defense}", "budget=ratio"])["budget"] == ratio
+    assert compose_with(["defense=ft"])["budget"] == ratio
+    if budget == "class_balanced":
+        assert compose_with(["defense=ftsam", "budget.ratio=0.1"])["budget"] == expected | {"ratio": 0.1}
+
+
 def test_train_schedule_follows_the_dataset():
     assert compose_with(["dataset=gtsrb"])["train"]["epochs"] == 50
     tiny = compose_with(["dataset=tiny"])["train"]
