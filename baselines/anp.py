@@ -376,6 +376,22 @@ def mask_summary(values) -> dict:
             "at_most_0.7": int((masks <= 0.7).sum())}
 
 
+def prune_by_neuron_masks(model: nn.Module, bns: dict[str, MaskedBatchNorm2d], data, *, name: str, pruning_by: str,
+                          pruning_max: float, pruning_step: float, pruning_number, acc_ratio: float,
+                          selection_split: str, published_number_offset: bool, device: torch.device,
+                          progress: bool = True) -> tuple[nn.Module, dict]:
+    """Steps 3-5 (shared with RNP): the trained masks' rounded, sorted values prune a copy of the original
+    ``model`` (:func:`prune_and_select`). Returns ``(pruned eval-mode copy, {"masks": summary, **selection})``."""
+    values = sort_mask_values(rounded_mask_values(bns))
+    pruned, selection = prune_and_select(model, values, data, name=name, pruning_by=pruning_by,
+                                         pruning_max=pruning_max, pruning_step=pruning_step,
+                                         pruning_number=pruning_number, acc_ratio=acc_ratio,
+                                         selection_split=selection_split,
+                                         published_number_offset=published_number_offset, device=device,
+                                         progress=progress)
+    return pruned, {"masks": mask_summary(values), **selection}
+
+
 def check_option(name: str, ok: bool, key: str, value, expected: str) -> None:
     """One clear line naming the key, the value and what is allowed (with an example)."""
     if not ok:
@@ -460,21 +476,20 @@ def defend(model: nn.Module, data, *, seed: int = 0, device=None, mask_lr: float
                                   batch_size=int(batch_size), mask_lr=mask_lr, momentum=momentum, eps=anp_eps,
                                   steps=int(anp_steps), alpha=anp_alpha, generator=generator, device=device,
                                   progress=progress)
-    values = sort_mask_values(rounded_mask_values(bns))
     del masked_model
-    pruned, selection = prune_and_select(model, values, data, name="anp", pruning_by=pruning_by,
-                                         pruning_max=pruning_max, pruning_step=pruning_step,
-                                         pruning_number=pruning_number, acc_ratio=acc_ratio,
-                                         selection_split=selection_split,
-                                         published_number_offset=published_number_offset, device=device,
-                                         progress=progress)
+    pruned, pruning = prune_by_neuron_masks(model, bns, data, name="anp", pruning_by=pruning_by,
+                                            pruning_max=pruning_max, pruning_step=pruning_step,
+                                            pruning_number=pruning_number, acc_ratio=acc_ratio,
+                                            selection_split=selection_split,
+                                            published_number_offset=published_number_offset, device=device,
+                                            progress=progress)
     diagnostics = {
         "defense": "anp",
         "mask_lr": mask_lr, "momentum": momentum, "anp_eps": anp_eps, "anp_steps": int(anp_steps),
         "anp_alpha": anp_alpha, "batch_size": int(batch_size), "acc_ratio": acc_ratio,
         "published_number_offset": bool(published_number_offset), "precision": "fp32",
-        "clean_samples": len(data.clean), "mask_training": training, "masks": mask_summary(values),
-        **selection,
+        "clean_samples": len(data.clean), "mask_training": training,
+        **pruning,
         "anp_seconds": time.perf_counter() - start,
     }
     return pruned, diagnostics

@@ -10,7 +10,7 @@
    epochs, train mode), clipped to [0, 1] after every step.
 3. Masks pass the 4-decimal text round trip, are sorted ascending, and prune (BN weight gamma = 0) a copy
    of the *original* model: the threshold sweep 0, 0.05, ..., 0.90 with selection on ``selection_split``
-   exactly as ANP's (baselines/anp.py ``prune_and_select``).
+   exactly as ANP's (baselines/anp.py ``prune_by_neuron_masks``).
 
 Fidelity: BackdoorBench always returns the fixed-threshold 0.70 model (its argparse default
 ``pruning_number = 0.70`` exists on every run, so the sweep's choice is discarded). Here the sweep's choice
@@ -27,15 +27,10 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from baselines.anp import (is_number, attach_neuron_masks, check_option, check_pruning_options,
-                           check_selection_inputs, clip_masks, mask_summary, prune_and_select, require_clean_data,
-                           resolve_device, rounded_mask_values, sort_mask_values, training_batch)
+                           check_selection_inputs, clip_masks, prune_by_neuron_masks, require_clean_data,
+                           resolve_device, training_batch)
 from baselines.base import defense
 from bdcore.train import TrainingHooks, TrainSettings, train_model
-
-
-class _UnlearnedEnough(Exception):
-    """Raised from the epoch-end hook to stop the one training loop early (train_model has no stop hook)."""
-
 
 
 def negated_cross_entropy_term(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -71,19 +66,15 @@ def unlearn(model: nn.Module, data, *, epochs: int, batch_size: int, lr: float, 
         accuracy = epoch_counts["correct"] / epoch_counts["seen"]
         history.append({"epoch": epoch, "train_acc": 100.0 * accuracy})
         epoch_counts.update(correct=0, seen=0)
-        if accuracy <= clean_threshold:
-            raise _UnlearnedEnough
+        return accuracy <= clean_threshold  # True stops train_model after this epoch
 
     settings = TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                              weight_decay=weight_decay, scheduler="multistep", milestones=tuple(schedule),
                              gamma=0.1, augment=data.augment is not None, drop_last=False)
     hooks = TrainingHooks(extra_loss=extra_loss, before_optimizer_step=before_optimizer_step,
                           on_epoch_end=on_epoch_end)
-    try:
-        train_model(model, data.clean, data.spec, settings, device=device, seed=seed, hooks=hooks,
-                    progress=progress, description="rnp unlearn", precision=precision)
-    except _UnlearnedEnough:
-        model.to(memory_format=torch.contiguous_format)   # what train_model does on a normal return
+    train_model(model, data.clean, data.spec, settings, device=device, seed=seed, hooks=hooks,
+                progress=progress, description="rnp unlearn", precision=precision)
     return history
 
 
@@ -92,9 +83,13 @@ def recover_neuron_masks(model: nn.Module, bns, data, *, epochs: int, batch_size
                          progress: bool = True) -> list[dict]:
     """RNP stage 2: train only the BN masks of the unlearned ``model`` on ``alpha * CE``, clip to [0, 1].
 
-    Its own small loop, not bdcore.train.train_model: the masks must be projected onto [0, 1] after every
-    optimiser step and train_model has no after-step hook. Shuffled batches (last one short), train
-    transform, train mode. Returns per epoch ``{"epoch", "loss", "train_acc"}``.
+    Its own small loop, not bdcore.train.train_model (whose ``after_optimizer_step`` could do the clip),
+    because two things of the published loop cannot go through it bit for bit: the loss ``alpha * CE``
+    (train_model's loss is ``CE`` plus extra terms; neither ``CE + (alpha - 1) CE`` nor ``alpha`` times
+    the ``CE`` gradient gives the same bits as back-propagating ``alpha * CE``), and the one
+    ``generator`` drawing both the batch order and the train transform, in turn (train_model draws them
+    from two generators seeded ``seed`` and ``seed + 1``). Shuffled batches (last one short), train
+    mode. Returns per epoch ``{"epoch", "loss", "train_acc"}``.
     """
     model.train()
     optimizer = torch.optim.SGD([bn.neuron_mask for bn in bns], lr=lr, momentum=momentum)
@@ -193,14 +188,13 @@ def defend(model: nn.Module, data, *, seed: int = 0, device=None, batch_size: in
     recovery = recover_neuron_masks(unlearned, list(bns.values()), data, epochs=int(recovering_epochs),
                                     batch_size=int(batch_size), lr=recovering_lr, momentum=recovering_momentum,
                                     alpha=alpha, generator=generator, device=device, progress=progress)
-    values = sort_mask_values(rounded_mask_values(bns))
     del unlearned
-    pruned, selection = prune_and_select(model, values, data, name="rnp", pruning_by=pruning_by,
-                                         pruning_max=pruning_max, pruning_step=pruning_step,
-                                         pruning_number=pruning_number, acc_ratio=acc_ratio,
-                                         selection_split=selection_split,
-                                         published_number_offset=published_number_offset, device=device,
-                                         progress=progress)
+    pruned, pruning = prune_by_neuron_masks(model, bns, data, name="rnp", pruning_by=pruning_by,
+                                            pruning_max=pruning_max, pruning_step=pruning_step,
+                                            pruning_number=pruning_number, acc_ratio=acc_ratio,
+                                            selection_split=selection_split,
+                                            published_number_offset=published_number_offset, device=device,
+                                            progress=progress)
     diagnostics = {
         "defense": "rnp",
         "batch_size": int(batch_size), "clean_threshold": clean_threshold, "alpha": alpha,
@@ -210,8 +204,7 @@ def defend(model: nn.Module, data, *, seed: int = 0, device=None, batch_size: in
         "clean_samples": len(data.clean),
         "unlearning": {"epochs_run": len(unlearning), "history": unlearning},
         "recovery": {"epochs_run": len(recovery), "history": recovery},
-        "masks": mask_summary(values),
-        **selection,
+        **pruning,
         "rnp_seconds": time.perf_counter() - start,
     }
     return pruned, diagnostics
