@@ -10,7 +10,6 @@ every draw comes from one private torch generator, so a run is reproducible with
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -18,13 +17,6 @@ import torchvision.transforms.functional as TF
 from torchvision.transforms import InterpolationMode
 
 from bdcore.data import DatasetSpec
-
-
-def plain_train_overrides(overrides: Mapping | None) -> dict:
-    """The `train_overrides` config node as plain Python: lists (e.g. Hydra's ListConfig milestones) become
-    tuples, the type TrainSettings declares."""
-    return {str(key): tuple(value) if isinstance(value, Sequence) and not isinstance(value, str) else value
-            for key, value in dict(overrides or {}).items()}
 
 
 def batch_poison_count(ratio: float, batch_size: int, generator: torch.Generator) -> int:

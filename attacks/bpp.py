@@ -22,8 +22,8 @@ import numpy as np
 import torch
 
 from attacks.base import Attack, AttackConfigError, PoisonedSet
-from attacks.batch_poisoning import (batch_poison_count, denormalize_like_backdoorbench, plain_train_overrides,
-                                     random_post_tensor_transform, to_pil_uint8)
+from attacks.batch_poisoning import (batch_poison_count, denormalize_like_backdoorbench, random_post_tensor_transform,
+                                     to_pil_uint8)
 from bdcore.data import DatasetSpec, ImageSet, normalize
 from bdcore.train import TrainingHooks
 
@@ -138,7 +138,7 @@ class BPP(Attack):
                  label_transform: str = "all2one", neg_ratio: float = 0.1, squeeze_num: int = 8,
                  dithering: bool = False, random_crop: int = 5, random_rotation: float = 10.0, seed: int = 0,
                  published_cifar100_constants: bool = False, train_overrides: dict | None = None):
-        super().__init__(spec, target, poison_ratio, label_transform, plain_train_overrides(train_overrides))
+        super().__init__(spec, target, poison_ratio, label_transform, train_overrides)
         if int(squeeze_num) != squeeze_num or not 2 <= int(squeeze_num) <= 256:
             raise AttackConfigError(f"attack.squeeze_num={squeeze_num} must be an integer number of colour "
                                     "levels in [2, 256]; BackdoorBench uses squeeze_num=8")

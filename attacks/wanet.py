@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from attacks.base import Attack, AttackConfigError, PoisonedSet
-from attacks.batch_poisoning import (batch_poison_count, denormalize_like_backdoorbench, plain_train_overrides,
-                                     random_post_tensor_transform, to_pil_uint8)
+from attacks.batch_poisoning import (batch_poison_count, denormalize_like_backdoorbench, random_post_tensor_transform,
+                                     to_pil_uint8)
 from bdcore.data import DatasetSpec, ImageSet, normalize
 from bdcore.train import TrainingHooks
 
@@ -99,7 +99,7 @@ class WaNet(Attack):
                  label_transform: str = "all2one", cross_ratio: float = 2.0, s: float = 0.5, k: int = 4,
                  grid_rescale: float = 1.0, random_crop: int = 5, random_rotation: float = 10.0, seed: int = 0,
                  train_overrides: dict | None = None):
-        super().__init__(spec, target, poison_ratio, label_transform, plain_train_overrides(train_overrides))
+        super().__init__(spec, target, poison_ratio, label_transform, train_overrides)
         if int(k) < 1 or int(k) != k:
             raise AttackConfigError(f"attack.k={k} must be a positive integer (the warping field is k x k); "
                                     "BackdoorBench uses k=4")
