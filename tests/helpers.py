@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bdcore.data import ImageSet
+from bdcore.data import DatasetSpec, ImageSet
 
 ROOT = Path(__file__).resolve().parents[1]
 # BackdoorBench's resource files, kept beside the repository on the team's machines (never committed)
@@ -97,3 +97,46 @@ class Guarded(ImageSet):
                 raise AssertionError(f"the defense read {name} of a set it must not touch")
             object.__setattr__(self, "reads", object.__getattribute__(self, "reads") + 1)
         return object.__getattribute__(self, name)
+
+
+# --------------------------------------------------------------------------------------------------
+# the batch-poisoning attacks (WaNet, BPP)
+# --------------------------------------------------------------------------------------------------
+
+def random_images(n: int, spec: DatasetSpec, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n, spec.channels, spec.height, spec.width), generator=g, dtype=torch.uint8)
+
+
+def backdoorbench_transforms(spec: DatasetSpec):
+    """BackdoorBench's "reversible" test transform (ToTensor, Normalize) and its denormaliser."""
+    import torchvision.transforms as T
+
+    normalization = T.Normalize(list(spec.mean), list(spec.std))
+    to_input = T.Compose([T.ToTensor(), normalization])
+    denormalizer = T.Compose([T.Normalize(mean=[0.0] * spec.channels, std=[1 / s for s in spec.std]),
+                              T.Normalize(mean=[-m for m in spec.mean], std=[1.0] * spec.channels)])
+    return to_input, denormalizer
+
+
+def short_batch_poisoning_run(attack, spec: DatasetSpec) -> dict:
+    """Backdoor metrics of a width-4 PreAct-ResNet18 trained 20 epochs (batch 32) on 256 synthetic images
+    through the one loop with `attack`'s schedule and hooks; the attack poisons per batch, so its
+    training set is the clean one."""
+    from bdcore.datasets import make_synthetic
+    from bdcore.evaluate import backdoor_metrics
+    from bdcore.models import PreActResNet18
+    from bdcore.train import TrainSettings, train_model
+
+    cpu = torch.device("cpu")
+    train, test = make_synthetic(num_classes=spec.num_classes, size=spec.height, train_per_class=64,
+                                 test_per_class=32, seed=0)
+    poisoned = attack.poison_train(train, seed=0)
+    assert poisoned.data is train and len(poisoned.poison_indices) == 0
+    torch.manual_seed(0)
+    model = PreActResNet18(num_classes=spec.num_classes, in_channels=spec.channels, width=4)
+    settings = attack.training_settings(TrainSettings(epochs=20, batch_size=32))
+    train_model(model, poisoned.data, spec, settings, device=cpu, seed=0, hooks=attack.training_hooks(model, cpu),
+                progress=False)
+    bd = attack.bd_test(test)
+    return backdoor_metrics(model, test, bd.images, bd.target_labels, bd.true_labels, spec)

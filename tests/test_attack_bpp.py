@@ -16,19 +16,13 @@ from attacks.batch_poisoning import denormalize_like_backdoorbench
 from attacks.bpp import BPP, PUBLISHED_CIFAR100_STATS, clean_png_uint8, floyd_steinberg_squeeze, poison_bpp_batch
 from bdcore.data import DatasetSpec, ImageSet, normalize
 from bdcore.datasets import CIFAR10, CIFAR100, GTSRB, FashionMNIST, Synthetic, TinyImageNet, make_synthetic
-from bdcore.evaluate import backdoor_metrics
-from bdcore.models import PreActResNet18
-from bdcore.train import TrainSettings, train_model
+from bdcore.train import TrainSettings
+from helpers import backdoorbench_transforms, random_images, short_batch_poisoning_run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SYNTH = DatasetSpec("synthetic", 4, 3, 32, 32, (0.5,) * 3, (0.25,) * 3)
 SMALL = DatasetSpec("small", 10, 3, 12, 12, (0.4914, 0.4822, 0.4465), (0.247, 0.243, 0.261))
 CPU = torch.device("cpu")
-
-
-def random_images(n, spec, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, spec.channels, spec.height, spec.width), generator=g, dtype=torch.uint8)
 
 
 def ramp(spec):
@@ -78,14 +72,6 @@ def naive_floyd(image, squeeze_num):
                     if 0 <= x + dx < w and y + dy < h:
                         img[c, y + dy, x + dx] = np.float32(np.float64(img[c, y + dy, x + dx]) + error * weight)
     return img
-
-
-def backdoorbench_transforms(spec):
-    normalization = T.Normalize(list(spec.mean), list(spec.std))
-    to_input = T.Compose([T.ToTensor(), normalization])
-    denormalizer = T.Compose([T.Normalize(mean=[0.0] * spec.channels, std=[1 / s for s in spec.std]),
-                              T.Normalize(mean=[-m for m in spec.mean], std=[1.0] * spec.channels)])
-    return to_input, denormalizer
 
 
 def pil_of(chw_uint8):
@@ -237,18 +223,9 @@ def test_short_training_reaches_high_asr():
     """The hooks inside the one training loop plant a working backdoor. A width-4 net on 256 synthetic images
     does not learn the default 8-level squeezing in seconds (ASR 0 % after 20 epochs), so this run squeezes
     harder (3 levels) at ratio 0.2, with the residual negatives and the batch-wise transform kept on."""
-    train, test = make_synthetic(num_classes=4, size=32, train_per_class=64, test_per_class=32, seed=0)
     attack = BPP(SYNTH, poison_ratio=0.2, squeeze_num=3, seed=0,
                  train_overrides={"scheduler": "cosine", "t_max": 20, "augment": False, "drop_last": False})
-    poisoned = attack.poison_train(train, seed=0)
-    assert poisoned.data is train and len(poisoned.poison_indices) == 0
-    torch.manual_seed(0)
-    model = PreActResNet18(num_classes=4, in_channels=3, width=4)
-    settings = attack.training_settings(TrainSettings(epochs=20, batch_size=32))
-    train_model(model, poisoned.data, SYNTH, settings, device=CPU, seed=0, hooks=attack.training_hooks(model, CPU),
-                progress=False)
-    bd = attack.bd_test(test)
-    metrics = backdoor_metrics(model, test, bd.images, bd.target_labels, bd.true_labels, SYNTH)
+    metrics = short_batch_poisoning_run(attack, SYNTH)
     assert metrics["acc"] >= 80 and metrics["asr"] >= 80, metrics
 
 

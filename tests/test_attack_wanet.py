@@ -18,18 +18,12 @@ from attacks.batch_poisoning import (PostTensorParams, batch_poison_count, draw_
 from attacks.wanet import WaNet, poison_wanet_batch, warp
 from bdcore.data import DatasetSpec, ImageSet, normalize
 from bdcore.datasets import make_synthetic
-from bdcore.evaluate import backdoor_metrics
-from bdcore.models import PreActResNet18
-from bdcore.train import TrainSettings, make_scheduler, train_model
+from bdcore.train import TrainSettings, make_scheduler
+from helpers import backdoorbench_transforms, random_images, short_batch_poisoning_run
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 SYNTH = DatasetSpec("synthetic", 4, 3, 32, 32, (0.5,) * 3, (0.25,) * 3)
 CPU = torch.device("cpu")
-
-
-def random_images(n, spec, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (n, spec.channels, spec.height, spec.width), generator=g, dtype=torch.uint8)
 
 
 def test_grid_stays_inside_the_image_and_is_the_identity_at_s0(cifar_spec):
@@ -160,14 +154,6 @@ def backdoorbench_grids(seed, k, s, grid_rescale, height):
     return torch.clamp(grid_temps, -1, 1)
 
 
-def backdoorbench_transforms(spec):
-    normalization = T.Normalize(list(spec.mean), list(spec.std))
-    to_input = T.Compose([T.ToTensor(), normalization])  # the "reversible" test transform
-    denormalizer = T.Compose([T.Normalize(mean=[0.0] * spec.channels, std=[1 / s for s in spec.std]),
-                              T.Normalize(mean=[-m for m in spec.mean], std=[1.0] * spec.channels)])
-    return to_input, denormalizer
-
-
 def test_oracle_bd_test_images_equal_backdoorbench_per_sample(cifar_spec):
     """Per image: PIL -> ToTensor -> Normalize -> grid_sample(G) -> denormaliser -> ToPILImage (the PNG)."""
     images = random_images(12, cifar_spec, seed=2)
@@ -211,18 +197,9 @@ def test_short_training_reaches_high_asr():
     learns neither the default warp (s = 0.5, noise-mode samples: ASR 0 % after 20 epochs) nor a strong one under
     the batch-wise crop / rotation (ASR 35-90 % by seed) in seconds, so this run uses a stronger field (s = 4),
     ratio 0.2, no noise-mode samples and no batch-wise transform (both have their own tests above)."""
-    train, test = make_synthetic(num_classes=4, size=32, train_per_class=64, test_per_class=32, seed=0)
     attack = WaNet(SYNTH, poison_ratio=0.2, cross_ratio=0, s=4, random_crop=0, random_rotation=0, seed=0,
                    train_overrides={"scheduler": "cosine", "t_max": 20, "augment": False, "drop_last": False})
-    poisoned = attack.poison_train(train, seed=0)
-    assert poisoned.data is train and len(poisoned.poison_indices) == 0
-    torch.manual_seed(0)
-    model = PreActResNet18(num_classes=4, in_channels=3, width=4)
-    settings = attack.training_settings(TrainSettings(epochs=20, batch_size=32))
-    train_model(model, poisoned.data, SYNTH, settings, device=CPU, seed=0, hooks=attack.training_hooks(model, CPU),
-                progress=False)
-    bd = attack.bd_test(test)
-    metrics = backdoor_metrics(model, test, bd.images, bd.target_labels, bd.true_labels, SYNTH)
+    metrics = short_batch_poisoning_run(attack, SYNTH)
     assert metrics["acc"] >= 80 and metrics["asr"] >= 80, metrics
 
 
