@@ -8,14 +8,11 @@ hands over as ``data.augment`` (docs/methods/defenses.md).
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import time
-from typing import Iterator, Sequence
 
 import torch
 import torch.nn as nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from bdcore.data import DefenseData, ImageSet
 from bdcore.evaluate import accuracy
@@ -96,36 +93,6 @@ def scheduled_learning_rates(lr: float, scheduler: str, t_max: int, steps: int) 
         optimizer.step()
         cosine.step()
     return rates
-
-
-@contextlib.contextmanager
-def learning_rate_per_step(model: nn.Module, rates: Sequence[float]) -> Iterator[dict]:
-    """Set the learning rate of the optimizer that trains `model` before each of its steps.
-
-    No defense uses it any more: FT-SAM and NAD pass their per-step rates as
-    ``TrainingHooks.learning_rates``. It stays only because tests/test_defense_ft.py still tests it;
-    delete the two together. It uses torch's global optimizer step pre-hook, acting only on the
-    optimizer that holds `model`'s first trainable parameter. Yields a dict whose ``"steps"`` counts
-    the steps taken.
-    """
-    anchor = next(p for p in model.parameters() if p.requires_grad)
-    counter = {"steps": 0}
-
-    def before_step(optimizer, args, kwargs):
-        if not any(p is anchor for group in optimizer.param_groups for p in group["params"]):
-            return
-        k = counter["steps"]
-        if k >= len(rates):
-            raise RuntimeError(f"learning-rate schedule of {len(rates)} steps exhausted at step {k + 1}")
-        for group in optimizer.param_groups:
-            group["lr"] = float(rates[k])
-        counter["steps"] = k + 1
-
-    handle = register_optimizer_step_pre_hook(before_step)
-    try:
-        yield counter
-    finally:
-        handle.remove()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import baselines.finetune as finetune
-from baselines.finetune import (finetune_settings, learning_rate_per_step, scheduled_learning_rates,
+from baselines.finetune import (finetune_settings, scheduled_learning_rates,
                                 steps_per_epoch)
 from baselines.ft import defend, validate
 from bdcore.data import DatasetSpec, DefenseData, ImageSet, random_crop_flip
@@ -113,25 +113,6 @@ def test_per_step_cosine_is_torch_s_cosine_stepped_every_batch():
     # T_max = 100 over 1000 steps: five full periods (down at 100, 300, ..., back up at 200, 400, ...)
     assert rates[0] == 0.01 and rates[100] < 1e-12 and abs(rates[200] - 0.01) < 1e-12
     assert scheduled_learning_rates(0.02, "constant", 100, 3) == [0.02] * 3
-
-
-def test_learning_rate_per_step_drives_only_the_model_s_optimizer():
-    model = torch.nn.Linear(2, 1)
-    other = torch.nn.Parameter(torch.zeros(1))
-    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    bystander = torch.optim.SGD([other], lr=0.5)
-    seen = []
-    with learning_rate_per_step(model, [0.1, 0.2, 0.3]) as counter:
-        for _ in range(3):
-            model(torch.ones(1, 2)).sum().backward()
-            optimizer.step()
-            seen.append(optimizer.param_groups[0]["lr"])
-            other.grad = torch.ones(1)
-            bystander.step()
-    assert seen == [0.1, 0.2, 0.3] and counter["steps"] == 3
-    assert bystander.param_groups[0]["lr"] == 0.5
-    optimizer.step()  # hook removed on exit
-    assert optimizer.param_groups[0]["lr"] == 0.3
 
 
 def test_config_defaults_are_backdoorbench_s():
