@@ -12,6 +12,7 @@ are declared beside it with the `@defense(...)` decorator; the config (conf/defe
 from __future__ import annotations
 
 import functools
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -55,6 +56,15 @@ def defense(*, data_free: bool, cached_stage: CachedStage | None = None, wants_e
         return method
 
     return register
+
+
+def takes_keyword(fn: Callable, name: str) -> bool:
+    """Whether `fn` (a function, a defense wrapper or a functools.partial of either) accepts keyword `name`."""
+    try:
+        parameters = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in parameters or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
 
 
 def traits_of(fn: Callable) -> DefenseTraits:

@@ -25,6 +25,7 @@ from bdcore.io import jsonable, write_json_atomic
 from bdcore.precision import capabilities, resolve_precision
 from experiments import build as B
 from experiments import stages as S
+from baselines.base import takes_keyword
 from experiments.build import UserError, plain
 from experiments.resources import StoreResources
 from experiments.store import ArtifactStore, config_key, file_sha256
@@ -172,8 +173,6 @@ def run_stages(cfg: DictConfig, hc, progress: dict) -> dict:
     job_num = hc.job.get("num", 0) or 0
 
     # ---- config -> objects, all checked before any data is read or any model trained
-    if not cfg.progress:  # every tqdm bar (training, defenses, resource generation) honours it
-        os.environ["TQDM_DISABLE"] = "1"
     device = select_device(cfg.device, job_num)
     try:
         precision = resolve_precision(str(cfg.precision), device)
@@ -240,11 +239,14 @@ def run_stages(cfg: DictConfig, hc, progress: dict) -> dict:
     if stage is not None and backdoor_key is not None:
         try:
             kwargs[stage.result_arg], stage_info = S.cached_stage_result(
-                store, stage, backdoor_key, model, defense.hyper_parameters, defense.seed, device, defense.name)
+                store, stage, backdoor_key, model, defense.hyper_parameters, defense.seed, device, defense.name,
+                progress=bool(cfg.progress))
         except ValueError as err:
             raise UserError(f"defense={defense.name}: {str(err).strip().splitlines()[0]}") from None
     if defense.traits.wants_evaluator:
         kwargs["evaluate"] = evaluate
+    if takes_keyword(defense.fn, "progress"):  # progress=false silences every defense's bars
+        kwargs["progress"] = bool(cfg.progress)
     defense_data = None
     if not defense.traits.data_free:
         budget = setup["budget"]

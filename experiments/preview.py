@@ -160,8 +160,6 @@ def main(argv: list[str] | None = None, resources=None) -> Path:
     overrides, n, out, use_store = parse_args(sys.argv[1:] if argv is None else argv)
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-    if not cfg.progress:
-        os.environ["TQDM_DISABLE"] = "1"
     attack_name = cfg.hydra.runtime.choices.attack
     source = B.build_source(cfg)
     attack = B.build_attack(cfg, source.spec)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from attacks.base import Attack
+from baselines.base import takes_keyword
 from bdcore.data import DatasetSpec, ImageSet
 from bdcore.evaluate import backdoor_metrics
 from bdcore.io import torch_save_atomic
@@ -202,7 +203,8 @@ def train_clean_model(store: ArtifactStore, material: dict, *, train: ImageSet, 
 
 
 def cached_stage_result(store: ArtifactStore, stage, backdoor_key: str, model: torch.nn.Module,
-                        hyper_parameters: dict, seed: int, device: torch.device, name: str) -> tuple[dict, dict]:
+                        hyper_parameters: dict, seed: int, device: torch.device, name: str,
+                        progress: bool = True) -> tuple[dict, dict]:
     """A defense's expensive first stage, computed once per backdoored model and its own parameters."""
     params = {p: hyper_parameters[p] for p in stage.params}
     fn_name = f"{stage.fn.__module__}.{stage.fn.__qualname__}"
@@ -211,7 +213,8 @@ def cached_stage_result(store: ArtifactStore, stage, backdoor_key: str, model: t
     def produce(tmp: Path) -> dict:
         log.info("%s: computing %s (cached afterwards for this backdoored model)", name, fn_name)
         start = time.perf_counter()
-        result = stage.fn(model, seed=seed, device=device, **params)
+        extra = {"progress": progress} if takes_keyword(stage.fn, "progress") else {}
+        result = stage.fn(model, seed=seed, device=device, **params, **extra)
         if isinstance(result, dict) and not all_finite(result):
             raise UserError(f"defense={name}: its first stage gave NaN/Inf values (e.g. unlearn.lr too large); "
                             "nothing was stored")

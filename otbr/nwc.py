@@ -42,12 +42,12 @@ def neuron_weight_changes(backdoored: nn.Module, unlearned: nn.Module, *,
 
 def unlearning_neuron_weight_changes(model: nn.Module, *, seed: int = 0, device=None,
                                      unlearn: dict | None = None, nwc: dict | None = None,
-                                     noise_batches=None) -> dict[str, torch.Tensor]:
+                                     noise_batches=None, progress: bool = False) -> dict[str, torch.Tensor]:
     """Stage 1 up to the ranking: Eq. 1 (:func:`random_unlearning`) then Eq. 2 (:func:`neuron_weight_changes`).
 
     Depends only on the model, ``unlearn`` / ``nwc`` options and ``seed`` (or the injected
     ``noise_batches``), so a caller can cache it and reuse it for every pruning ratio and fusion setting.
     """
-    unlearned = random_unlearning(model, seed=seed, device=device, noise_batches=noise_batches,
+    unlearned = random_unlearning(model, seed=seed, device=device, noise_batches=noise_batches, progress=progress,
                                   **(unlearn or {}))
     return neuron_weight_changes(model, unlearned, **(nwc or {}))

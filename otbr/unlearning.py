@@ -14,6 +14,7 @@ from collections.abc import Iterable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from bdcore.io import device_of
 
@@ -54,7 +55,8 @@ def random_unlearning(model: nn.Module, *, steps: int = 20, batch_size: int = 25
                       momentum: float = 0.9, weight_decay: float = 0.0, noise_shape=(3, 32, 32),
                       labels: str = "official", num_labels: int | None = None, bn_mode: str = "train",
                       seed: int = 0, device=None,
-                      noise_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None) -> nn.Module:
+                      noise_batches: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                      progress: bool = False) -> nn.Module:
     """Eq. 1: return an unlearned deep copy of ``model`` (on ``device``, in eval mode).
 
     Noise and labels come from one CPU generator seeded by ``seed`` (device-independent), drawn per
@@ -63,7 +65,7 @@ def random_unlearning(model: nn.Module, *, steps: int = 20, batch_size: int = 25
     ``noise_batches`` (fixed ``(x, y)`` pairs) replaces generation: one step per batch, and
     ``steps``/``batch_size``/``noise_shape`` are then unused (a ``y`` of None is drawn as above).
     Dropout / stochastic depth draw from the global RNG; it is forked and seeded so that the same
-    seed gives the same model without disturbing the caller's RNG state.
+    seed gives the same model without disturbing the caller's RNG state. ``progress`` shows a bar of the steps.
     """
     if bn_mode not in BN_MODES:
         raise ValueError(f"unlearn.bn_mode must be one of {BN_MODES}, got {bn_mode!r}")
@@ -90,9 +92,9 @@ def random_unlearning(model: nn.Module, *, steps: int = 20, batch_size: int = 25
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(int(seed))
         if noise_batches is not None:
-            for x, y in noise_batches:
+            for x, y in tqdm(noise_batches, desc="otbr unlearning", disable=not progress, leave=False):
                 one_step(x, y)
         else:
-            for _ in range(int(steps)):
+            for _ in tqdm(range(int(steps)), desc="otbr unlearning", disable=not progress, leave=False):
                 one_step(torch.rand([int(batch_size), *noise_shape], generator=generator), None)
     return unlearned.eval()

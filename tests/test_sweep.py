@@ -136,3 +136,14 @@ def test_wandb_logger_needs_no_network_or_account(tmp_path):
                      env_extra={"WANDB_MODE": "disabled", "WANDB_API_KEY": ""})
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "run" / "metrics.json").exists()
+
+
+def test_progress_false_silences_the_defenses_bars_and_true_shows_otbr_stage_one(tmp_path):
+    store = f"paths.store_dir={tmp_path / 'store'}"
+    quiet = run_cli([*TINY, "attack=badnet", "defense=fp", "defense.epochs=1", f"hydra.run.dir={tmp_path / 'fp'}", store])
+    assert quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "fp prune" not in quiet.stderr and "it/s" not in quiet.stderr
+    shown = run_cli(["dataset=synthetic", "model.width=4", "progress=true", "attack=badnet", "defense=otbr",
+                     f"hydra.run.dir={tmp_path / 'otbr'}", store])
+    assert shown.returncode == 0, shown.stderr[-2000:]
+    assert "otbr unlearning" in shown.stderr
