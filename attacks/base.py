@@ -144,6 +144,10 @@ class Attack(ABC):
     def load_state_dict(self, state: dict) -> None:
         pass
 
+    def diagnostics(self) -> dict:
+        """Facts about the generated trigger a reader needs beside ACC / ASR (metrics.json `backdoor.attack`)."""
+        return {}
+
     def restored(self, state: dict) -> "Attack":
         """A copy of this attack with a stored state (the one the backdoored model was trained with)."""
         attack = copy.copy(self)

@@ -24,6 +24,7 @@ StegaStamp runs neither.
 """
 from __future__ import annotations
 
+import logging
 import math
 import time
 
@@ -34,6 +35,8 @@ from tqdm.auto import tqdm
 
 from attacks.base import Attack, AttackConfigError, AttackResources
 from bdcore.data import DatasetSpec, ImageSet
+
+log = logging.getLogger(__name__)
 
 BCH_PRIMITIVE_POLYNOMIAL = 137  # x^7 + x^3 + 1: GF(2^7), codes of length up to 127
 FINGERPRINT_LAYOUTS = {100: (7, 5, 4), 50: (4, 2, 2)}  # code length -> (secret bytes, BCH t, zero bits)
@@ -301,6 +304,7 @@ def decode_bits(decoder: StegaStampDecoder, images: torch.Tensor, batch_size: in
 
 class SSBA(Attack):
     CHECK_IMAGES = 1000  # encoded training images on which the decoder's bit accuracy is recorded
+    WORKING_BIT_ACCURACY = 0.9  # below it a warning says the code is not hidden (StegaStamp's own activation bar)
 
     def __init__(self, spec: DatasetSpec, target: int = 0, poison_ratio: float = 0.1,
                  label_transform: str = "all2one", seed: int = 0, secret: str = "stega!!", code_length: int = 100,
@@ -373,6 +377,10 @@ class SSBA(Attack):
                             resources.device)
         self.generation_seconds = float(stored["generation_seconds"])
         self.code_bit_accuracy = float(stored["code_bit_accuracy"])
+        if self.code_bit_accuracy < self.WORKING_BIT_ACCURACY:
+            log.warning("ssba: the decoder reads %.0f %% of the code's bits (50 %% is chance): the encoder has not learnt "
+                        "to hide the code, so the poisoned images are its unconstrained output, not SSBA's invisible "
+                        "trigger; train it longer (attack.epochs / attack.steps)", 100 * self.code_bit_accuracy)
 
     def _load_networks(self, encoder_state: dict, decoder_state: dict, device=None) -> None:
         self.encoder, self.decoder = self._build_networks()
@@ -403,6 +411,9 @@ class SSBA(Attack):
         if self.decoder is None:
             self._require_encoder()
         return (decode_bits(self.decoder, images) == self.code.bool()).float().mean().item()
+
+    def diagnostics(self) -> dict:
+        return {"code_bit_accuracy": self.code_bit_accuracy}
 
     def state_dict(self) -> dict:
         encoder = self._require_encoder()
