@@ -144,7 +144,7 @@ class Attack(ABC):
     def load_state_dict(self, state: dict) -> None:
         pass
 
-    def diagnostics(self) -> dict:
+    def trigger_report(self) -> dict:
         """Facts about the generated trigger a reader needs beside ACC / ASR (metrics.json `backdoor.attack`)."""
         return {}
 

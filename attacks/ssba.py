@@ -412,7 +412,7 @@ class SSBA(Attack):
             self._require_encoder()
         return (decode_bits(self.decoder, images) == self.code.bool()).float().mean().item()
 
-    def diagnostics(self) -> dict:
+    def trigger_report(self) -> dict:
         return {"code_bit_accuracy": self.code_bit_accuracy}
 
     def state_dict(self) -> dict:

@@ -218,7 +218,7 @@ def run_stages(cfg: DictConfig, hc, progress: dict) -> dict:
                          "poisoned": meta["poisoned"], "train_size": meta["train_size"],
                          "train_seconds": meta["train_seconds"], "resource_seconds": meta.get("resource_seconds"),
                          "resumed_from_epoch": meta.get("resumed_from_epoch", 0),
-                         "resources": resources.used, "attack": trained_attack.diagnostics(),
+                         "resources": resources.used, "attack": trained_attack.trigger_report(),
                          "final_train_loss": history[-1]["loss"] if history else None,
                          "train_images_per_second": (sum(h["images_per_second"] for h in history) / len(history)
                                                      if history else None)}

@@ -159,8 +159,8 @@ def test_prepare_trains_once_through_the_resource_cache(prepared, data16):
 def test_an_encoder_that_hides_no_code_is_reported_and_warned_about(prepared, data16, caplog):
     attack, resources = prepared  # 5 steps: the decoder reads about half of the bits
     assert attack.code_bit_accuracy < SSBA.WORKING_BIT_ACCURACY
-    assert attack.diagnostics() == {"code_bit_accuracy": attack.code_bit_accuracy}
-    assert attack.restored(attack.state_dict()).diagnostics() == attack.diagnostics()  # metrics.json on a store hit
+    assert attack.trigger_report() == {"code_bit_accuracy": attack.code_bit_accuracy}
+    assert attack.restored(attack.state_dict()).trigger_report() == attack.trigger_report()  # metrics.json on a store hit
     with caplog.at_level("WARNING", logger="attacks.ssba"):
         SSBA(SPEC16, seed=0, **SHORT).prepare(data16[0], resources)
     assert "has not learnt to hide the code" in caplog.text

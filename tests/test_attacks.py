@@ -2,11 +2,13 @@
 import numpy as np
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
 from attacks.badnet import BadNet
 from attacks.base import AttackConfigError
 from attacks.blended import Blended
-from helpers import needs_backdoorbench_file
+from experiments.build import build_attack
+from helpers import ROOT, needs_backdoorbench_file
 from bdcore.data import ImageSet
 
 
@@ -109,3 +111,12 @@ def test_bad_attack_settings_raise_one_line_errors(cifar_spec, kwargs, word):
 def test_missing_pattern_file_is_a_one_line_error(cifar_spec, tmp_path):
     with pytest.raises(AttackConfigError, match="pattern_path"):
         Blended(cifar_spec, pattern_path=str(tmp_path / "nope.png"))
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "conf" / "attack").glob("*.yaml")))
+def test_every_configured_attack_reports_its_trigger_as_a_dict(name, cifar_spec):
+    """metrics.json's backdoor.attack comes from trigger_report(); no attack attribute may shadow it."""
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[f"attack={name}"])
+    attack = build_attack(cfg, cifar_spec)
+    assert isinstance(attack.trigger_report(), dict)
