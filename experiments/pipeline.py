@@ -80,6 +80,7 @@ def backdoor_material(cfg: DictConfig, data: B.Data, precision: str, threads: in
     """Everything that can change the backdoored model, nothing that cannot (paths, device kind, logging).
     Pattern files count by their bytes; CPU results depend on the thread count, so it counts on CPUs."""
     attack = plain(cfg.attack)
+    attack.pop("progress", None)  # the attack's tqdm switch (resource generation) changes no result
     if attack.get("pattern_path"):
         attack["pattern_path"] = file_sha256(attack["pattern_path"])
     material = {"dataset": {"_target_": cfg.dataset._target_, **B.dataset_identity(cfg, data.source)},
