@@ -19,13 +19,13 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from baselines.base import takes_keyword
 from bdcore.data import DefenseData, random_crop_flip
 from bdcore.device import select_device
 from bdcore.io import jsonable, write_json_atomic
 from bdcore.precision import capabilities, resolve_precision
 from experiments import build as B
 from experiments import stages as S
-from baselines.base import takes_keyword
 from experiments.build import UserError, plain
 from experiments.resources import StoreResources
 from experiments.store import ArtifactStore, config_key, file_sha256
@@ -55,8 +55,18 @@ def pot_version() -> str | None:
         return None
 
 
+def without_progress(node):
+    """A method's node minus its own copy of the progress switch (e.g. `attack.progress: ${progress}`)."""
+    return {k: v for k, v in node.items() if k != "progress"} if isinstance(node, dict) else node
+
+
+def without_switches(config: dict) -> dict:
+    """A resolved config minus the settings that never change a result (NOT_RESULT_KEYS, progress copies)."""
+    return {k: without_progress(v) for k, v in config.items() if k not in NOT_RESULT_KEYS}
+
+
 def result_config(cfg: DictConfig) -> dict:
-    return {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_RESULT_KEYS}
+    return without_switches(OmegaConf.to_container(cfg, resolve=True))
 
 
 def set_threads(cfg: DictConfig, device: torch.device) -> int:
@@ -79,8 +89,7 @@ def set_threads(cfg: DictConfig, device: torch.device) -> int:
 def backdoor_material(cfg: DictConfig, data: B.Data, precision: str, threads: int, device) -> dict:
     """Everything that can change the backdoored model, nothing that cannot (paths, device kind, logging).
     Pattern files count by their bytes; CPU results depend on the thread count, so it counts on CPUs."""
-    attack = plain(cfg.attack)
-    attack.pop("progress", None)  # the attack's tqdm switch (resource generation) changes no result
+    attack = without_progress(plain(cfg.attack))
     if attack.get("pattern_path"):
         attack["pattern_path"] = file_sha256(attack["pattern_path"])
     material = {"dataset": {"_target_": cfg.dataset._target_, **B.dataset_identity(cfg, data.source)},
@@ -119,7 +128,7 @@ def previous_result(out_dir: Path, cfg: DictConfig) -> dict | None:
 
 
 def result_config_of(record: dict) -> dict:
-    return {k: v for k, v in record.get("config", {}).items() if k not in NOT_RESULT_KEYS}
+    return without_switches(record.get("config", {}))
 
 
 def run(cfg: DictConfig) -> dict:
