@@ -3,6 +3,7 @@
     python -m experiments.study fmnist            # run what is missing, in order; finished jobs are skipped
     python -m experiments.study fmnist --status   # which jobs are finished, failed, missing
     python -m experiments.study fmnist --report   # the mean +- std table of what is committed
+    python -m experiments.study fmnist --only attack=blended   # just the cells with these values (a second lane)
 
 A study (conf/studies/<name>.yaml) is a sweep dir, base overrides, grids of cells (each cell = one
 backdoored model, the first key outermost) and the defense sweeps that run right after each cell's model is
@@ -37,14 +38,24 @@ def load_study(name: str) -> dict:
     return yaml.safe_load(path.read_text())
 
 
-def cells(study: dict) -> list[list[str]]:
-    """Every cell's overrides, in run order."""
+def cells(study: dict, only: list[str] = ()) -> list[list[str]]:
+    """Every cell's overrides, in run order; with `only` (`key=value` items), just the cells that have them all."""
     out = []
     for grid in study["grids"]:
         keys = list(grid)
         for values in itertools.product(*(grid[k] for k in keys)):
-            out.append([f"{k}={v}" for k, v in zip(keys, values)])
+            cell = [f"{k}={v}" for k, v in zip(keys, values)]
+            if all(item in cell for item in only):
+                out.append(cell)
     return out
+
+
+def check_only(study: dict, only: list[str]) -> None:
+    """A filter that names no cell is a typo, not an empty study."""
+    for item in only:
+        if not cells(study, [item]):
+            known = sorted({o for cell in cells(study) for o in cell})
+            raise SystemExit(f"study: --only {item} matches no cell; use one of: {', '.join(known)}")
 
 
 def expand(overrides: list[str]) -> list[list[str]]:
@@ -65,20 +76,20 @@ def job_dir_name(overrides: list[str]) -> str:
     return shorten(",".join(sorted(o for o in overrides if o.split("=", 1)[0] not in excluded)))
 
 
-def commands(study: dict) -> list[tuple[list[str], list[str]]]:
+def commands(study: dict, only: list[str] = ()) -> list[tuple[list[str], list[str]]]:
     """(the `-m` overrides, the job dir names it makes) for every cell x defense sweep, in run order."""
     out = []
-    for cell in cells(study):
+    for cell in cells(study, only):
         for sweep in study["defense_sweeps"]:
             overrides = [*study["base"], *cell, *sweep]
             out.append((overrides, [job_dir_name(job) for job in expand(overrides)]))
     return out
 
 
-def status(study: dict) -> dict[str, list[str]]:
+def status(study: dict, only: list[str] = ()) -> dict[str, list[str]]:
     sweep_dir = ROOT / study["sweep_dir"]
     state = {"finished": [], "failed": [], "missing": []}
-    for _, jobs in commands(study):
+    for _, jobs in commands(study, only):
         for job in jobs:
             d = sweep_dir / job
             key = "finished" if (d / "metrics.json").exists() else "failed" if (d / "failed.json").exists() else "missing"
@@ -86,10 +97,10 @@ def status(study: dict) -> dict[str, list[str]]:
     return state
 
 
-def run(study: dict) -> int:
+def run(study: dict, only: list[str] = ()) -> int:
     sweep_dir = ROOT / study["sweep_dir"]
     failures = 0
-    for overrides, jobs in commands(study):
+    for overrides, jobs in commands(study, only):
         missing = [j for j in jobs if not (sweep_dir / j / "metrics.json").exists()]
         if not missing:
             continue
@@ -97,7 +108,7 @@ def run(study: dict) -> int:
         result = subprocess.run([sys.executable, "run.py", "-m", *overrides, f"hydra.sweep.dir={sweep_dir}"],
                                 cwd=ROOT)
         failures += result.returncode != 0
-    left = status(study)
+    left = status(study, only)
     print(f"study: {len(left['finished'])} finished, {len(left['failed'])} failed, {len(left['missing'])} missing",
           flush=True)
     return 1 if failures or left["failed"] else 0
@@ -108,10 +119,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("study")
     parser.add_argument("--status", action="store_true", help="list finished / failed / missing jobs and exit")
     parser.add_argument("--report", action="store_true", help="print the mean +- std table of finished jobs")
+    parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
+                        help="just the cells with this grid value (repeatable); two lanes with disjoint --only "
+                             "filters can run one study at once")
     args = parser.parse_args(argv)
     study = load_study(args.study)
+    check_only(study, args.only)
     if args.status:
-        for key, jobs in status(study).items():
+        for key, jobs in status(study, args.only).items():
             print(f"{key} ({len(jobs)}):")
             for job in jobs:
                 print(f"  {job}")
@@ -122,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         text = aggregate(ROOT / study["sweep_dir"], out_dir=ROOT / Path(study["sweep_dir"]).parent)
         print(text or "study: nothing finished yet")
         return 0
-    return run(study)
+    return run(study, args.only)
 
 
 if __name__ == "__main__":

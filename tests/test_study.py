@@ -1,0 +1,36 @@
+"""The study runner's cell order and `--only` filter, on the committed fmnist study (no job is run)."""
+import pytest
+
+from experiments.study import check_only, commands, cells, load_study
+
+
+@pytest.fixture(scope="module")
+def fmnist():
+    return load_study("fmnist")
+
+
+def test_cells_run_seed_outermost_and_only_keeps_matching_cells(fmnist):
+    every = cells(fmnist)
+    assert every[0] == ["seed=0", "attack=badnet", "precision=fp32"]
+    blended = cells(fmnist, ["attack=blended"])
+    assert blended and all("attack=blended" in cell for cell in blended)
+    badnet = cells(fmnist, ["attack=badnet"])
+    assert len(blended) + len(badnet) == len(every)  # two lanes split the study without overlap
+
+
+def test_only_with_two_items_needs_both(fmnist):
+    chosen = cells(fmnist, ["seed=2", "precision=bf16"])
+    assert chosen == [["seed=2", "attack=badnet", "precision=bf16"]]
+
+
+def test_disjoint_lanes_never_share_a_job_dir(fmnist):
+    def jobs(only):
+        return {job for _, names in commands(fmnist, only) for job in names}
+
+    assert not jobs(["attack=badnet"]) & jobs(["attack=blended"])
+    assert jobs(["attack=badnet"]) | jobs(["attack=blended"]) == jobs([])
+
+
+def test_only_that_matches_no_cell_fails_in_one_line_naming_the_choices(fmnist):
+    with pytest.raises(SystemExit, match="--only attack=wanet matches no cell; use one of: .*attack=blended"):
+        check_only(fmnist, ["attack=wanet"])
