@@ -4,6 +4,7 @@
     python -m experiments.study fmnist --status   # which jobs are finished, failed, missing
     python -m experiments.study fmnist --report   # the mean +- std table of what is committed
     python -m experiments.study fmnist --only attack=blended   # just the cells with these values (a second lane)
+    python -m experiments.study fmnist threads=2  # machine settings (keys left out of job dir names) replace the base's
 
 A study (conf/studies/<name>.yaml) is a sweep dir, base overrides, grids of cells (each cell = one
 backdoored model, the first key outermost) and the defense sweeps that run right after each cell's model is
@@ -76,12 +77,26 @@ def job_dir_name(overrides: list[str]) -> str:
     return shorten(",".join(sorted(o for o in overrides if o.split("=", 1)[0] not in excluded)))
 
 
-def commands(study: dict, only: list[str] = ()) -> list[tuple[list[str], list[str]]]:
+def with_machine_settings(base: list[str], machine: list[str]) -> list[str]:
+    """The study's base overrides with `machine` items (threads=2, device=cuda, ...) replacing same-key ones.
+    Only keys Hydra leaves out of job dir names are allowed: anything else would change which jobs a study has."""
+    allowed = excluded_from_dir_names() - {"hydra.sweep.dir"}  # the study's own sweep_dir decides that
+    for item in machine:
+        key, sep, _ = item.partition("=")
+        if not sep or key not in allowed:
+            raise SystemExit(f"study: '{item}' is not a machine setting; only {', '.join(sorted(allowed))} "
+                             "may be set here (edit conf/studies/ to change the study itself)")
+    keys = {item.partition("=")[0] for item in machine}
+    return [o for o in base if o.partition("=")[0] not in keys] + list(machine)
+
+
+def commands(study: dict, only: list[str] = (), machine: list[str] = ()) -> list[tuple[list[str], list[str]]]:
     """(the `-m` overrides, the job dir names it makes) for every cell x defense sweep, in run order."""
     out = []
+    base = with_machine_settings(study["base"], machine)
     for cell in cells(study, only):
         for sweep in study["defense_sweeps"]:
-            overrides = [*study["base"], *cell, *sweep]
+            overrides = [*base, *cell, *sweep]
             out.append((overrides, [job_dir_name(job) for job in expand(overrides)]))
     return out
 
@@ -97,10 +112,10 @@ def status(study: dict, only: list[str] = ()) -> dict[str, list[str]]:
     return state
 
 
-def run(study: dict, only: list[str] = ()) -> int:
+def run(study: dict, only: list[str] = (), machine: list[str] = ()) -> int:
     sweep_dir = ROOT / study["sweep_dir"]
     failures = 0
-    for overrides, jobs in commands(study, only):
+    for overrides, jobs in commands(study, only, machine):
         missing = [j for j in jobs if not (sweep_dir / j / "metrics.json").exists()]
         if not missing:
             continue
@@ -117,6 +132,9 @@ def run(study: dict, only: list[str] = ()) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("study")
+    parser.add_argument("machine", nargs="*", metavar="KEY=VALUE",
+                        help="machine settings that replace the study's base ones (threads=2, device=cuda); "
+                             "they never change a job's dir or result key")
     parser.add_argument("--status", action="store_true", help="list finished / failed / missing jobs and exit")
     parser.add_argument("--report", action="store_true", help="print the mean +- std table of finished jobs")
     parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
@@ -125,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     study = load_study(args.study)
     check_only(study, args.only)
+    with_machine_settings(study["base"], args.machine)  # a bad setting fails before anything runs
     if args.status:
         for key, jobs in status(study, args.only).items():
             print(f"{key} ({len(jobs)}):")
@@ -137,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         text = aggregate(ROOT / study["sweep_dir"], out_dir=ROOT / Path(study["sweep_dir"]).parent)
         print(text or "study: nothing finished yet")
         return 0
-    return run(study, args.only)
+    return run(study, args.only, args.machine)
 
 
 if __name__ == "__main__":

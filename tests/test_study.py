@@ -34,3 +34,14 @@ def test_disjoint_lanes_never_share_a_job_dir(fmnist):
 def test_only_that_matches_no_cell_fails_in_one_line_naming_the_choices(fmnist):
     with pytest.raises(SystemExit, match="--only attack=wanet matches no cell; use one of: .*attack=blended"):
         check_only(fmnist, ["attack=wanet"])
+
+
+def test_machine_settings_replace_the_base_and_leave_job_dirs_alone(fmnist):
+    overrides, jobs = commands(fmnist, machine=["threads=2"])[0]
+    assert "threads=2" in overrides and "threads=1" not in overrides
+    assert jobs == commands(fmnist)[0][1]
+
+
+def test_a_setting_that_would_change_the_study_is_refused(fmnist):
+    with pytest.raises(SystemExit, match="'seed=5' is not a machine setting; only .*threads"):
+        commands(fmnist, machine=["seed=5"])
