@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("study")
     parser.add_argument("machine", nargs="*", metavar="KEY=VALUE",
                         help="machine settings that replace the study's base ones (threads=2, device=cuda); "
-                             "they never change a job's dir or result key")
+                             "they never change which jobs (dirs) a study has")
     parser.add_argument("--status", action="store_true", help="list finished / failed / missing jobs and exit")
     parser.add_argument("--report", action="store_true", help="print the mean +- std table of finished jobs")
     parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
