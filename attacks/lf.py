@@ -323,6 +323,8 @@ class LowFrequency(Attack):
         state = {"pattern": self.pattern.clone()}
         if self.generation_seconds is not None:
             state["generation_seconds"] = torch.tensor(self.generation_seconds, dtype=torch.float64)
+        if self.search_diagnostics:  # plain lists and ints: loadable with weights_only
+            state["search_diagnostics"] = dict(self.search_diagnostics)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -330,3 +332,9 @@ class LowFrequency(Attack):
             self.pattern = state["pattern"].clone()
         if "generation_seconds" in state:
             self.generation_seconds = float(state["generation_seconds"])
+        if "search_diagnostics" in state:
+            self.search_diagnostics = dict(state["search_diagnostics"])
+
+    def trigger_report(self) -> dict:
+        """The search's fooling rate after each pass and its update / skip counts (empty for a pattern file)."""
+        return dict(self.search_diagnostics)

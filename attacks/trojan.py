@@ -246,6 +246,8 @@ class TrojanNN(Attack):
         state = {"trigger": self.trigger.clone(), "wrap": torch.tensor(self.stamp_mode == "wrap")}
         if self.generation_seconds is not None:
             state["generation_seconds"] = torch.tensor(self.generation_seconds, dtype=torch.float64)
+        if self.diagnostics:  # plain lists and ints: loadable with weights_only
+            state["diagnostics"] = dict(self.diagnostics)
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -255,3 +257,9 @@ class TrojanNN(Attack):
             self.stamp_mode = "wrap" if bool(state["wrap"]) else "saturate"
         if "generation_seconds" in state:
             self.generation_seconds = float(state["generation_seconds"])
+        if "diagnostics" in state:
+            self.diagnostics = dict(state["diagnostics"])
+
+    def trigger_report(self) -> dict:
+        """The selected neurons, the PGD steps taken and their mean activations before / after the trigger."""
+        return dict(self.diagnostics)

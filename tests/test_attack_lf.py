@@ -300,9 +300,13 @@ def test_poisoning_bd_test_and_saved_state(prepared, data):
     torch.save(attack.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    assert all(isinstance(v, torch.Tensor) for v in state.values()) and float(state["generation_seconds"]) > 0
+    assert all(isinstance(v, torch.Tensor) for k, v in state.items() if k != "search_diagnostics")
+    assert float(state["generation_seconds"]) > 0
     rebuilt = LowFrequency(SYN, **SMALL).restored(state)  # never prepared: no resources needed
     assert torch.equal(rebuilt.bd_test(test).images, bd.images)
+    report = rebuilt.trigger_report()  # what metrics.json shows, also when the model comes from the store
+    assert report == attack.trigger_report() and set(report) == {"fooling_rates", "updates", "constant_skips"}
+    assert len(report["fooling_rates"]) >= 1 and all(0 <= r <= 1 for r in report["fooling_rates"])
     with pytest.raises(RuntimeError, match="prepare"):
         LowFrequency(SYN).apply_trigger(test.images[:1])
 

@@ -214,11 +214,22 @@ def test_poisoning_bd_test_and_saved_state(prepared, data, mode):
     torch.save(attack.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert all(isinstance(v, torch.Tensor) for k, v in state.items() if k != "diagnostics")
     rebuilt = TrojanNN(SYN, progress=False).restored(state)  # never prepared, default stamp: the state wins
     assert torch.equal(rebuilt.bd_test(test).images, bd.images)
     with pytest.raises(RuntimeError, match="prepare"):
         TrojanNN(SYN).apply_trigger(test.images[:1])
+
+
+def test_trigger_report_survives_the_store_round_trip(prepared):
+    attack, _ = prepared
+    buffer = io.BytesIO()
+    torch.save(attack.state_dict(), buffer)
+    buffer.seek(0)
+    rebuilt = TrojanNN(SYN, progress=False).restored(torch.load(buffer, weights_only=True))
+    report = rebuilt.trigger_report()  # metrics.json's backdoor.attack on a store hit
+    assert report == attack.trigger_report()
+    assert set(report) == {"neurons", "steps", "activation_before", "activation_after"} and report["steps"] >= 1
 
 
 def test_mask_file_and_builtin_mask(tmp_path, data):
