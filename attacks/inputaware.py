@@ -39,6 +39,7 @@ the loop's plateau schedule, stepped on the epoch's mean loss), and its cross_te
 from __future__ import annotations
 
 import copy
+import logging
 import time
 import zlib
 from dataclasses import replace
@@ -53,6 +54,8 @@ from attacks.base import Attack, AttackConfigError, AttackResources, PoisonedSet
 from attacks.batch_poisoning import batch_poison_count, channel_stats, denormalize_like_backdoorbench, to_pil_uint8
 from bdcore.data import DatasetSpec, ImageSet, normalize, random_crop_flip
 from bdcore.train import TrainingHooks, TrainSettings
+
+log = logging.getLogger(__name__)
 
 EPSILON = 1e-7  # BackdoorBench's EPSILON in the output squash, the threshold and the diversity ratio
 
@@ -236,6 +239,9 @@ def pretrain_mask(mask_net: nn.Module, images: torch.Tensor, spec: DatasetSpec, 
         history.append({"epoch": epoch, "norm": norm_sum / steps, "diversity": div_sum / steps,
                         "seconds": time.perf_counter() - start})
         bar.set_postfix(norm=f"{norm_sum / steps:.4f}", div=f"{div_sum / steps:.3f}")
+        # the log line carries the same figures, so a run with progress=false still shows the mask's training
+        log.info("inputaware mask epoch %d/%d: norm %.4f, diversity %.3f, %.0f s", epoch + 1, epochs,
+                 norm_sum / steps, div_sum / steps, history[-1]["seconds"])
     mask_net.eval().requires_grad_(False)
     return history
 

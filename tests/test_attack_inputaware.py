@@ -241,7 +241,8 @@ def test_published_generator_gradient_accumulation_switch():
 
 # ---------------------------------------------------------------- mask pretraining, epochs, config
 
-def test_mask_pretraining_lowers_density_keeps_masks_diverse_and_is_cached(synthetic16):
+def test_mask_pretraining_lowers_density_keeps_masks_diverse_and_is_cached(synthetic16, caplog):
+    caplog.set_level("INFO", logger="attacks.inputaware")
     train, test = synthetic16
     attack = tiny_attack(clean_train_epochs=4, mask_density=0.05, mask_batch_size=16)
     x = normalize(test.images, SPEC16)
@@ -257,6 +258,8 @@ def test_mask_pretraining_lowers_density_keeps_masks_diverse_and_is_cached(synth
     assert (masks[0] - masks[-1]).abs().max() > 0.01  # input-specific, not one mask for all
     assert not any(p.requires_grad for p in attack.mask_net.parameters())
     assert attack.generation_seconds > 0 and resources.produced == 1
+    logged = [r.getMessage() for r in caplog.records if "inputaware mask epoch" in r.getMessage()]
+    assert len(logged) == 4 and logged[-1].startswith("inputaware mask epoch 4/4: norm ")  # seen without bars too
     again = tiny_attack(clean_train_epochs=4, mask_density=0.05, mask_batch_size=16)
     again.prepare(train, resources)  # same material: loaded, not retrained
     assert resources.produced == 1 and resources.calls == 2
