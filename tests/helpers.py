@@ -14,13 +14,17 @@ import torch
 from bdcore.data import DatasetSpec, ImageSet
 
 ROOT = Path(__file__).resolve().parents[1]
-# BackdoorBench's resource files, kept beside the repository on the team's machines (never committed)
-SHARED_BB = ROOT.parent / "shared" / "data" / "backdoorbench"
+# BackdoorBench's resource files (its trigger images, LF patterns) are not ours to ship: the tests that
+# compare against them read a folder of copies named like `badnet__trigger_image.png` from this variable.
+BACKDOORBENCH_FILES = "OTBR_BACKDOORBENCH_FILES"
 
 
 def needs_backdoorbench_file(name: str) -> Path:
     """The path of a BackdoorBench resource file, or skip the test saying which file is missing."""
-    path = SHARED_BB / name
+    folder = os.environ.get(BACKDOORBENCH_FILES)
+    if not folder:
+        pytest.skip(f"needs BackdoorBench's resource file {name}: set {BACKDOORBENCH_FILES} to a folder holding it")
+    path = Path(folder) / name
     if not path.is_file():
         pytest.skip(f"needs BackdoorBench's resource file {path} (not shipped with this repository)")
     return path
