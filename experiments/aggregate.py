@@ -179,10 +179,12 @@ def one_parameter_view(df: pd.DataFrame) -> str | None:
 def render_markdown(wide: pd.DataFrame, summary: pd.DataFrame, df: pd.DataFrame) -> str:
     flat = wide.copy()
     flat.columns = [f"{d} {m.upper()}" for d, m in flat.columns]
-    seeds = df.groupby(MODEL_KEYS)["seed"].nunique().max()
+    seeds = df.groupby(MODEL_KEYS + split_settings(df)[0], dropna=False)["seed"].nunique()
     lines = [flat.reset_index().to_markdown(index=False), ""]
-    if seeds > 1:
-        lines += [f"Mean ± std over {seeds} seeds.", ""]
+    if seeds.min() > 1 and seeds.nunique() == 1:
+        lines += [f"Mean ± std over {seeds.max()} seeds.", ""]
+    elif seeds.max() > 1:  # a study in progress: say so rather than claim every row's count
+        lines += [f"Mean ± std over each row's seeds ({seeds.min()}–{seeds.max()}); a row without ± has one seed.", ""]
     lines += ["Success = ACC drop < 10 points and ASR < 20 % (both strict); attack-failed cells "
               "(no-defense ASR < 20 %) and failed jobs are not counted.", ""]
     if len(summary):

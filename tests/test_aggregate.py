@@ -86,3 +86,14 @@ def test_cli_rejects_a_dir_without_results(tmp_path, capsys):
     assert main([str(tmp_path)]) == 2
     assert aggregate(tmp_path) is None
     assert main([str(tmp_path / "missing")]) == 2
+
+
+def test_seed_count_line_is_true_for_every_row(tmp_path):
+    for seed in range(3):
+        fake_job(tmp_path, "badnet", "otbr", 85.0 + seed, 3.0, seed=seed)
+    fake_job(tmp_path, "blended", "otbr", 85.0, 3.0, seed=0)  # a study in progress: one seed so far
+    text = aggregate(tmp_path)
+    assert "over each row's seeds (1–3); a row without ± has one seed" in text and "over 3 seeds" not in text
+    fake_job(tmp_path, "blended", "otbr", 86.0, 3.0, seed=1)
+    fake_job(tmp_path, "blended", "otbr", 87.0, 3.0, seed=2)
+    assert "Mean ± std over 3 seeds." in aggregate(tmp_path)
