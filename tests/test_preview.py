@@ -125,23 +125,3 @@ def test_cli_reports_bad_input_in_one_line(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "nosuchattack" in lines[0]
 
-
-@pytest.mark.parametrize("attack", ["ssba", "inputaware", "lf", "trojan"])
-def test_the_progress_switch_never_changes_the_backdoored_models_key(attack, tmp_path):
-    """progress=false (sweeps) and progress=true (interactive runs) must share one stored model."""
-    from experiments import build as B
-    from experiments import pipeline as P
-    from experiments.store import config_key
-    from hydra import compose, initialize_config_dir
-
-    keys, configs = set(), []
-    for progress in ("true", "false"):
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=[f"attack={attack}", "dataset=synthetic",
-                                                           f"progress={progress}", f"paths.data_dir={tmp_path}"])
-        assert cfg.attack.progress is (progress == "true")  # the attack's own bars follow the job's switch
-        data = B.load_data(B.build_source(cfg))
-        keys.add(config_key(P.backdoor_material(cfg, data, "fp32", 1, torch.device("cpu"))))
-        configs.append(P.result_config(cfg))
-    assert len(keys) == 1
-    assert configs[0] == configs[1]  # a rerun with the other switch is the same job, not "a different config"

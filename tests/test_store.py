@@ -5,6 +5,12 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from experiments import build as B
+from experiments import pipeline as P
 from helpers import ROOT
 from experiments.store import ArtifactStore, config_key
 
@@ -97,3 +103,19 @@ def test_concurrent_jobs_produce_once(tmp_path):
     assert counter.read_text().count("trained") == 1
     marker = json.loads((tmp_path / "store" / "backdoor" / "shared" / "COMPLETE.json").read_text())
     assert set(marker["files"]) == {"model.pt"}
+
+
+@pytest.mark.parametrize("attack", ["ssba", "inputaware", "lf", "trojan"])
+def test_the_progress_switch_never_changes_the_backdoored_models_key(attack, tmp_path):
+    """progress=false (sweeps) and progress=true (interactive runs) must share one stored model."""
+    keys, configs = set(), []
+    for progress in ("true", "false"):
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = compose(config_name="config", overrides=[f"attack={attack}", "dataset=synthetic",
+                                                           f"progress={progress}", f"paths.data_dir={tmp_path}"])
+        assert cfg.attack.progress is (progress == "true")  # the attack's own bars follow the job's switch
+        data = B.load_data(B.build_source(cfg))
+        keys.add(config_key(P.backdoor_material(cfg, data, "fp32", 1, torch.device("cpu"))))
+        configs.append(P.result_config(cfg))
+    assert len(keys) == 1
+    assert configs[0] == configs[1]  # a rerun with the other switch is the same job, not "a different config"
