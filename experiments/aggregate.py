@@ -6,7 +6,7 @@
   ASR / RA, the no-defense reference, the pruned model's ACC / ASR (OTBR), timings, the success flag.
 * results.md: rows dataset / model / attack (+ any varied setting of the backdoored model, e.g. precision or
   train.epochs), columns defense (+ its varied settings) x ACC / ASR as mean +- std over seeds. A sweep over
-  one defense parameter (e.g. OTBR's gamma) is shown as one row per value instead.
+  one defense's parameters (e.g. OTBR's gamma, or gamma x fusion mode) is also shown as one row per value.
 * A defense succeeds when its ACC drop is < 10 points and its ASR < 20 % (both strict; the OTBR paper's rule,
   docs/results.md). A cell whose no-defense ASR is < 20 % is marked "attack failed" and left out of the
   success counts; a failed job is marked "failed" and never averaged in.
@@ -162,18 +162,20 @@ def result_tables(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     return wide, summary
 
 
-def one_parameter_view(df: pd.DataFrame) -> str | None:
-    """A sweep over one defense parameter of one defense: one row per value (e.g. OTBR's gamma)."""
+def parameter_sweep_view(df: pd.DataFrame) -> str | None:
+    """A sweep over parameters of one defense: one row per value (e.g. OTBR's gamma), or per combination of
+    values when several vary (gamma x fusion mode), in numeric order."""
     model_keys, defense_keys = split_settings(df)
     defended = df[df["defense"] != "none"]
-    if len(defense_keys) != 1 or model_keys or defended["defense"].nunique() != 1:
+    if not defense_keys or model_keys or defended["defense"].nunique() != 1:
         return None
-    key = defense_keys[0]
-    table = defended.groupby(MODEL_KEYS + [key], dropna=False).agg(
+    table = defended.groupby(MODEL_KEYS + defense_keys, dropna=False).agg(
         acc=("acc", mean_std), asr=("asr", mean_std), ra=("ra", mean_std), pruned_acc=("pruned_acc", mean_std),
         pruned_asr=("pruned_asr", mean_std), successes=("success", "sum"), jobs=("success", "size"))
-    table = table.reset_index().sort_values(key, key=lambda s: s.map(natural_key))
-    return table.rename(columns={key: key.removeprefix("defense.")}).to_markdown(index=False)
+    table = table.reset_index()
+    order = sorted(table.index, key=lambda i: tuple(natural_key(table.loc[i, k]) for k in MODEL_KEYS + defense_keys))
+    table = table.loc[order]
+    return table.rename(columns={k: k.removeprefix("defense.") for k in defense_keys}).to_markdown(index=False)
 
 
 def render_markdown(wide: pd.DataFrame, summary: pd.DataFrame, df: pd.DataFrame) -> str:
@@ -189,7 +191,7 @@ def render_markdown(wide: pd.DataFrame, summary: pd.DataFrame, df: pd.DataFrame)
               "(no-defense ASR < 20 %) and failed jobs are not counted.", ""]
     if len(summary):
         lines.append(summary.reset_index().rename(columns={"column": "defense"}).to_markdown(index=False, floatfmt=".2f"))
-    sweep = one_parameter_view(df)
+    sweep = parameter_sweep_view(df)
     if sweep:
         lines += ["", sweep]
     precisions = sorted(str(p) for p in df.get("precision", pd.Series(dtype=object)).dropna().unique())

@@ -72,6 +72,22 @@ def test_one_parameter_sweep_reads_as_rows(tmp_path):
     assert "pruned_asr" in sweep
 
 
+def test_two_parameter_sweep_reads_as_one_row_per_combination_with_seeds_averaged(tmp_path):
+    for seed, asr in ((0, 10.0), (1, 30.0)):
+        for ratio in ("0.1", "0.05"):
+            for mode in ("ot", "none"):
+                fake_job(tmp_path, "badnet", "otbr", 85.0, asr, seed=seed,
+                         overrides=(f"defense.prune.ratio={ratio}", f"defense.fusion.mode={mode}"))
+    text = aggregate(tmp_path)
+    sweep = text[text.rindex("| dataset"):].split("\n\n")[0].splitlines()
+    header = [h.strip() for h in sweep[0].split("|")]
+    assert header[4:6] == ["fusion.mode", "prune.ratio"]
+    rows = [[c.strip() for c in line.split("|")] for line in sweep[2:]]
+    assert [(r[4], r[5]) for r in rows] == [("none", "0.05"), ("none", "0.1"), ("ot", "0.05"), ("ot", "0.1")]
+    assert all(r[header.index("asr")] == "20.00 ± 14.14" for r in rows)  # two seeds per combination
+    assert all(r[header.index("jobs")] == "2" and r[header.index("successes")] == "1" for r in rows)
+
+
 def test_cli_writes_markdown_and_csv(tmp_path, capsys):
     fake_job(tmp_path, "badnet", "otbr", 85.0, 3.0)
     assert main([str(tmp_path)]) == 0
