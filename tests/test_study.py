@@ -45,3 +45,15 @@ def test_machine_settings_replace_the_base_and_leave_job_dirs_alone(fmnist):
 def test_a_setting_that_would_change_the_study_is_refused(fmnist):
     with pytest.raises(SystemExit, match="'seed=5' is not a machine setting; only .*threads"):
         commands(fmnist, machine=["seed=5"])
+
+
+def test_gamma_study_defends_the_fmnist_models_instead_of_training_new_ones(fmnist):
+    # Same base and a subset of fmnist's cells: its backdoored models are store hits wherever fmnist ran;
+    # its sweeps vary the defense only, which is not part of the backdoored model's key.
+    gamma = load_study("fmnist_gamma")
+    assert gamma["base"] == fmnist["base"]
+    assert all(cell in cells(fmnist) for cell in cells(gamma))
+    for sweep in gamma["defense_sweeps"]:
+        assert all(item.startswith("defense") for item in sweep)
+    overrides, jobs = commands(gamma)[0]
+    assert len(jobs) == 14 and len(set(jobs)) == 14  # 7 gammas x {ot, none}, each its own dir
