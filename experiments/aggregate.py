@@ -3,7 +3,8 @@
     python -m experiments.aggregate <sweep dir> [<sweep dir> ...] [--out DIR]
 
 * results.csv is long-format: one row per job, a column per varied setting (numbers stay numbers), ACC /
-  ASR / RA, the no-defense reference, the pruned model's ACC / ASR (OTBR), timings, the success flag.
+  ASR / RA, the no-defense reference, the pruned model's ACC / ASR (OTBR), timings, the success flags (the
+  defense's and, for OTBR, its pruned model's: the pruning-only variant).
 * results.md: rows dataset / model / attack (+ any varied setting of the backdoored model, e.g. precision or
   train.epochs), columns defense (+ its varied settings) x ACC / ASR as mean +- std over seeds. A sweep over
   one defense's parameters (e.g. OTBR's gamma, or gamma x fusion mode) is also shown as one row per value.
@@ -96,8 +97,15 @@ def add_success(df: pd.DataFrame) -> pd.DataFrame:
     df["acc_drop"] = df["ref_acc"] - df["acc"]
     df["asr_drop"] = df["ref_asr"] - df["asr"]
     df["attack_failed"] = df["ref_asr"] < ATTACK_MIN_ASR
-    df["success"] = (df["status"] == "finished") & (df["acc_drop"] < SUCCESS_MAX_ACC_DROP) & (df["asr"] < SUCCESS_MAX_ASR)
+    df["success"] = is_success(df, "acc", "asr")
+    if "pruned_acc" in df:  # OTBR's pruned model is the pruning-only variant: judged by the same rule
+        df["pruned_success"] = is_success(df, "pruned_acc", "pruned_asr")
     return df
+
+
+def is_success(df: pd.DataFrame, acc: str, asr: str) -> pd.Series:
+    finished = (df["status"] == "finished") & df[acc].notna() & df[asr].notna()
+    return finished & (df["ref_acc"] - df[acc] < SUCCESS_MAX_ACC_DROP) & (df[asr] < SUCCESS_MAX_ASR)
 
 
 def split_settings(df: pd.DataFrame) -> tuple[list[str], list[str]]:
@@ -171,7 +179,8 @@ def parameter_sweep_view(df: pd.DataFrame) -> str | None:
         return None
     table = defended.groupby(MODEL_KEYS + defense_keys, dropna=False).agg(
         acc=("acc", mean_std), asr=("asr", mean_std), ra=("ra", mean_std), pruned_acc=("pruned_acc", mean_std),
-        pruned_asr=("pruned_asr", mean_std), successes=("success", "sum"), jobs=("success", "size"))
+        pruned_asr=("pruned_asr", mean_std), successes=("success", "sum"), jobs=("success", "size"),
+        **({"pruned_successes": ("pruned_success", "sum")} if defended.get("pruned_acc", pd.Series(dtype=float)).notna().any() else {}))
     table = table.reset_index()
     order = sorted(table.index, key=lambda i: tuple(natural_key(table.loc[i, k]) for k in MODEL_KEYS + defense_keys))
     table = table.loc[order]

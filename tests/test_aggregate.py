@@ -86,6 +86,8 @@ def test_two_parameter_sweep_reads_as_one_row_per_combination_with_seeds_average
     assert [(r[4], r[5]) for r in rows] == [("none", "0.05"), ("none", "0.1"), ("ot", "0.05"), ("ot", "0.1")]
     assert all(r[header.index("asr")] == "20.00 ± 14.14" for r in rows)  # two seeds per combination
     assert all(r[header.index("jobs")] == "2" and r[header.index("successes")] == "1" for r in rows)
+    # the pruned model (ASR 5 and 15 %, ACC drop 6) is judged by the same rule: pruning only succeeds twice
+    assert all(r[header.index("pruned_successes")] == "2" for r in rows)
 
 
 def test_cli_writes_markdown_and_csv(tmp_path, capsys):
