@@ -1,12 +1,13 @@
 """Our results beside the OTBR paper's, and figures.
 
     python -m experiments.report <sweep dir> [<sweep dir> ...] [--paper table1|table2] [--format md|csv|latex]
-                                 [--plot train.epochs] [--out DIR]
+                                 [--plot train.epochs [--with-pruned]] [--out DIR]
 
 `--paper` joins our mean ACC / ASR per (attack, defense) with the paper's numbers (results/paper/, the
 paper's CIFAR-10 rows unless `--paper-dataset` says otherwise); our data set may differ from the paper's, so
 both are named in the table. `--plot KEY` draws ASR and ACC drop against a varied setting (e.g. the
-training length) with one line per defense, as a PNG.
+training length, or OTBR's gamma) with one line per defense, as a PNG; `--with-pruned` adds OTBR's pruned
+model (pruning only), which every OTBR job also reports.
 """
 from __future__ import annotations
 
@@ -16,18 +17,16 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.aggregate import load_records, split_settings
+from experiments.aggregate import column_label, load_records, split_settings
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
 
 
-def defense_labels(df: pd.DataFrame) -> pd.Series:
+def defense_labels(df: pd.DataFrame, leave_out: tuple[str, ...] = ()) -> pd.Series:
+    """Each job's defense label as in results.md (`otbr[fusion.mode=none]`), without the `leave_out` keys."""
     _, defense_keys = split_settings(df)
-    labels = []
-    for _, row in df.iterrows():
-        parts = [f"{k.removeprefix('defense.')}={row[k]}" for k in defense_keys if pd.notna(row.get(k))]
-        labels.append(row["defense"] if not parts else f"{row['defense']}[{','.join(parts)}]")
-    return pd.Series(labels, index=df.index)
+    keys = [k for k in defense_keys if k not in leave_out]
+    return pd.Series([column_label(row, keys) for _, row in df.iterrows()], index=df.index, dtype=object)
 
 
 def our_means(df: pd.DataFrame) -> pd.DataFrame:
@@ -62,24 +61,38 @@ def side_by_side(df: pd.DataFrame, paper: str, paper_dataset: str = "cifar10") -
                    "our_asr", "paper_asr"]].rename(columns={"column": "defense"})
 
 
-def plot_against(df: pd.DataFrame, key: str, out: Path) -> Path:
-    """ASR and ACC drop against `key`, one line per defense label (mean over seeds), as a PNG."""
+def curve_points(df: pd.DataFrame, key: str, with_pruned: bool = False) -> pd.DataFrame:
+    """Mean ASR / ACC drop / no-defense ASR per attack, defense label and value of `key` (the plotted setting is left
+    out of the label, so a gamma sweep is one line); `with_pruned` adds a line for OTBR's pruned models."""
+    done = df[(df["status"] == "finished") & (df["defense"] != "none")]
+    done = done.assign(column=defense_labels(done, leave_out=(key,)))
+    if with_pruned and "pruned_asr" in done:
+        pruned = done[done["pruned_asr"].notna()]
+        done = pd.concat([done, pruned.assign(column=pruned["column"] + " pruned model", asr=pruned["pruned_asr"],
+                                              acc_drop=pruned["ref_acc"] - pruned["pruned_acc"])])
+    return done.groupby(["attack", "column", key]).agg(asr=("asr", "mean"), acc_drop=("acc_drop", "mean"),
+                                                       ref_asr=("ref_asr", "mean")).reset_index()
+
+
+def plot_against(df: pd.DataFrame, key: str, out: Path, with_pruned: bool = False) -> Path:
+    """ASR and ACC drop against `key`, one line per attack and defense label (mean over seeds), as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    done = df[(df["status"] == "finished") & (df["defense"] != "none")]
-    done = done.assign(column=defense_labels(done))
-    means = done.groupby(["column", key]).agg(asr=("asr", "mean"), acc_drop=("acc_drop", "mean"),
-                                              ref_asr=("ref_asr", "mean")).reset_index()
+    means = curve_points(df, key, with_pruned)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for column, rows in means.groupby("column"):
+    several = means["attack"].nunique() > 1  # then each line is named by its attack too
+    for (attack, column), rows in means.groupby(["attack", "column"]):
         rows = rows.sort_values(key)
-        axes[0].plot(rows[key], rows["asr"], marker="o", label=column)
-        axes[1].plot(rows[key], rows["acc_drop"], marker="o", label=column)
-    reference = means.drop_duplicates(key).sort_values(key)
-    axes[0].plot(reference[key], reference["ref_asr"], "k--", label="no defense")
+        label = f"{attack}: {column}" if several else column
+        axes[0].plot(rows[key], rows["asr"], marker="o", label=label)
+        axes[1].plot(rows[key], rows["acc_drop"], marker="o", label=label)
+    for attack, rows in means.groupby("attack"):
+        reference = rows.drop_duplicates(key).sort_values(key)
+        axes[0].plot(reference[key], reference["ref_asr"], "k--" if not several else ":",
+                     label=f"{attack}: no defense" if several else "no defense")
     axes[0].axhline(20, color="grey", lw=0.8)
     axes[1].axhline(10, color="grey", lw=0.8)
     axes[0].set(xlabel=key, ylabel="ASR (%)", title="attack success rate")
@@ -107,6 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--paper-dataset", default="cifar10")
     parser.add_argument("--format", choices=["md", "csv", "latex"], default="md")
     parser.add_argument("--plot", default=None, help="a varied setting to plot against, e.g. train.epochs")
+    parser.add_argument("--with-pruned", action="store_true",
+                        help="also draw OTBR's pruned model (the pruning-only variant) of each job")
     parser.add_argument("--out", default=None, help="where the PNG goes (default: the first sweep dir)")
     args = parser.parse_args(argv)
     df = load_records(*args.sweep_dirs)
@@ -121,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{', '.join(df.attrs.get('settings', [])) or '(none varies)'}", file=sys.stderr)
             return 2
         out = Path(args.out or args.sweep_dirs[0]) / f"{args.plot.replace('.', '_')}.png"
-        print(f"wrote {plot_against(df, args.plot, out)}")
+        print(f"wrote {plot_against(df, args.plot, out, args.with_pruned)}")
     if not args.paper and not args.plot:
         print(render(our_means(df), args.format))
     return 0

@@ -1,6 +1,6 @@
 """The report: ours beside the paper's numbers, and the training-length figure, on hand-made metrics files."""
 from experiments.aggregate import load_records
-from experiments.report import main, side_by_side
+from experiments.report import curve_points, main, side_by_side
 from helpers import fake_job
 
 
@@ -25,3 +25,19 @@ def test_cli_prints_latex_and_draws_the_curve(tmp_path, capsys):
     png = tmp_path / "train_epochs.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert main([str(tmp_path), "--plot", "nosuch"]) == 2
+
+
+def test_a_gamma_curve_is_one_line_per_attack_and_defense_with_the_pruned_model_beside_it(tmp_path):
+    for attack in ("badnet", "blended"):
+        for seed, asr in ((0, 40.0), (1, 60.0)):
+            for ratio in ("0.05", "0.1"):
+                fake_job(tmp_path, attack, "otbr", 85.0, asr, seed=seed, overrides=(f"defense.prune.ratio={ratio}",))
+    points = curve_points(load_records(tmp_path), "defense.prune.ratio", with_pruned=True)
+    assert set(points["column"]) == {"otbr", "otbr pruned model"}  # gamma is the x axis, not a label
+    line = points[(points["attack"] == "badnet") & (points["column"] == "otbr pruned model")]
+    assert line["defense.prune.ratio"].tolist() == [0.05, 0.1]
+    assert line["asr"].tolist() == [25.0, 25.0]  # the pruned model's ASR (half the job's), mean over 2 seeds
+    assert line["acc_drop"].tolist() == [6.0, 6.0]
+    assert len(curve_points(load_records(tmp_path), "defense.prune.ratio")) == 4  # without: OTBR lines only
+    assert main([str(tmp_path), "--plot", "defense.prune.ratio", "--with-pruned"]) == 0
+    assert (tmp_path / "defense_prune_ratio.png").read_bytes()[:4] == b"\x89PNG"
