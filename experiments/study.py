@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", default=[], metavar="KEY=VALUE",
                         help="just the cells with this grid value (repeatable); two lanes with disjoint --only "
                              "filters can run one study at once")
-    args = parser.parse_args(argv)
+    # intermixed: `--only seed=2 threads=2` works as well as `threads=2 --only seed=2`
+    args = parser.parse_intermixed_args(argv)
     study = load_study(args.study)
     check_only(study, args.only)
     with_machine_settings(study["base"], args.machine)  # a bad setting fails before anything runs

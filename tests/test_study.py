@@ -57,3 +57,11 @@ def test_gamma_study_defends_the_fmnist_models_instead_of_training_new_ones(fmni
         assert all(item.startswith("defense") for item in sweep)
     overrides, jobs = commands(gamma)[0]
     assert len(jobs) == 7 and len(set(jobs)) == 7  # every gamma its own dir
+
+
+def test_machine_settings_may_follow_only_on_the_command_line(capsys):
+    from experiments.study import main
+
+    assert main(["fmnist", "--only", "seed=2", "threads=2", "--only", "attack=blended", "--status"]) == 0
+    out = capsys.readouterr().out
+    assert "seed=2" in out and "seed=0" not in out and "attack=badnet" not in out
