@@ -47,16 +47,17 @@ def test_a_setting_that_would_change_the_study_is_refused(fmnist):
         commands(fmnist, machine=["seed=5"])
 
 
-def test_gamma_study_defends_the_fmnist_models_instead_of_training_new_ones(fmnist):
+@pytest.mark.parametrize("name, jobs_per_cell", [("fmnist_gamma", 7), ("fmnist_fusion", 8)])
+def test_defense_studies_defend_the_fmnist_models_instead_of_training_new_ones(fmnist, name, jobs_per_cell):
     # Same base and a subset of fmnist's cells: its backdoored models are store hits wherever fmnist ran;
     # its sweeps vary the defense only, which is not part of the backdoored model's key.
-    gamma = load_study("fmnist_gamma")
-    assert gamma["base"] == fmnist["base"]
-    assert all(cell in cells(fmnist) for cell in cells(gamma))
-    for sweep in gamma["defense_sweeps"]:
+    study = load_study(name)
+    assert study["base"] == fmnist["base"]
+    assert all(cell in cells(fmnist) for cell in cells(study))
+    for sweep in study["defense_sweeps"]:
         assert all(item.startswith("defense") for item in sweep)
-    overrides, jobs = commands(gamma)[0]
-    assert len(jobs) == 7 and len(set(jobs)) == 7  # every gamma its own dir
+    overrides, jobs = commands(study)[0]
+    assert len(jobs) == jobs_per_cell and len(set(jobs)) == jobs_per_cell  # every setting its own dir
 
 
 def test_machine_settings_may_follow_only_on_the_command_line(capsys):
