@@ -67,7 +67,8 @@ def curve_points(df: pd.DataFrame, key: str, with_pruned: bool = False) -> pd.Da
     done = df[(df["status"] == "finished") & (df["defense"] != "none")]
     done = done.assign(column=defense_labels(done, leave_out=(key,)))
     if with_pruned and "pruned_asr" in done:
-        pruned = done[done["pruned_asr"].notna()]
+        fused = done.get("defense.fusion.mode", pd.Series(index=done.index, dtype=object)) != "none"
+        pruned = done[done["pruned_asr"].notna() & fused]  # a fusion.mode=none job is its own pruned model
         done = pd.concat([done, pruned.assign(column=pruned["column"] + " pruned model", asr=pruned["pruned_asr"],
                                               acc_drop=pruned["ref_acc"] - pruned["pruned_acc"])])
     return done.groupby(["attack", "column", key]).agg(asr=("asr", "mean"), acc_drop=("acc_drop", "mean"),
@@ -82,7 +83,7 @@ def plot_against(df: pd.DataFrame, key: str, out: Path, with_pruned: bool = Fals
     import matplotlib.pyplot as plt
 
     means = curve_points(df, key, with_pruned)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), layout="constrained")
     several = means["attack"].nunique() > 1  # then each line is named by its attack too
     for (attack, column), rows in means.groupby(["attack", "column"]):
         rows = rows.sort_values(key)
@@ -97,8 +98,7 @@ def plot_against(df: pd.DataFrame, key: str, out: Path, with_pruned: bool = Fals
     axes[1].axhline(10, color="grey", lw=0.8)
     axes[0].set(xlabel=key, ylabel="ASR (%)", title="attack success rate")
     axes[1].set(xlabel=key, ylabel="ACC drop (points)", title="clean accuracy drop")
-    axes[0].legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)

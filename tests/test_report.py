@@ -41,3 +41,11 @@ def test_a_gamma_curve_is_one_line_per_attack_and_defense_with_the_pruned_model_
     assert len(curve_points(load_records(tmp_path), "defense.prune.ratio")) == 4  # without: OTBR lines only
     assert main([str(tmp_path), "--plot", "defense.prune.ratio", "--with-pruned"]) == 0
     assert (tmp_path / "defense_prune_ratio.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_pruned_lines_skip_jobs_that_are_already_the_pruned_model(tmp_path):
+    for epochs in (2, 5):
+        fake_job(tmp_path, "badnet", "otbr", 85.0, 40.0, overrides=(f"train.epochs={epochs}",))
+        fake_job(tmp_path, "badnet", "otbr", 80.0, 10.0, overrides=(f"train.epochs={epochs}", "defense.fusion.mode=none"))
+    points = curve_points(load_records(tmp_path), "train.epochs", with_pruned=True)
+    assert sorted(set(points["column"])) == ["otbr", "otbr pruned model", "otbr[fusion.mode=none]"]
