@@ -177,10 +177,11 @@ def parameter_sweep_view(df: pd.DataFrame) -> str | None:
     defended = df[df["defense"] != "none"]
     if not defense_keys or model_keys or defended["defense"].nunique() != 1:
         return None
+    has_pruned = defended.get("pruned_acc", pd.Series(dtype=float)).notna().any()
     table = defended.groupby(MODEL_KEYS + defense_keys, dropna=False).agg(
         acc=("acc", mean_std), asr=("asr", mean_std), ra=("ra", mean_std), pruned_acc=("pruned_acc", mean_std),
         pruned_asr=("pruned_asr", mean_std), successes=("success", "sum"), jobs=("success", "size"),
-        **({"pruned_successes": ("pruned_success", "sum")} if defended.get("pruned_acc", pd.Series(dtype=float)).notna().any() else {}))
+        **({"pruned_successes": ("pruned_success", "sum")} if has_pruned else {}))
     table = table.reset_index()
     order = sorted(table.index, key=lambda i: tuple(natural_key(table.loc[i, k]) for k in MODEL_KEYS + defense_keys))
     table = table.loc[order]
