@@ -76,29 +76,33 @@ def curve_points(df: pd.DataFrame, key: str, with_pruned: bool = False) -> pd.Da
 
 
 def plot_against(df: pd.DataFrame, key: str, out: Path, with_pruned: bool = False) -> Path:
-    """ASR and ACC drop against `key`, one line per attack and defense label (mean over seeds), as a PNG."""
+    """ASR and ACC drop against `key` (mean over seeds), one row of panels per attack and one line per
+    defense label, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     means = curve_points(df, key, with_pruned)
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.8), layout="constrained")
-    several = means["attack"].nunique() > 1  # then each line is named by its attack too
-    for (attack, column), rows in means.groupby(["attack", "column"]):
-        rows = rows.sort_values(key)
-        label = f"{attack}: {column}" if several else column
-        axes[0].plot(rows[key], rows["asr"], marker="o", label=label)
-        axes[1].plot(rows[key], rows["acc_drop"], marker="o", label=label)
-    for attack, rows in means.groupby("attack"):
-        reference = rows.drop_duplicates(key).sort_values(key)
-        axes[0].plot(reference[key], reference["ref_asr"], "k--" if not several else ":",
-                     label=f"{attack}: no defense" if several else "no defense")
-    axes[0].axhline(20, color="grey", lw=0.8)
-    axes[1].axhline(10, color="grey", lw=0.8)
-    axes[0].set(xlabel=key, ylabel="ASR (%)", title="attack success rate")
-    axes[1].set(xlabel=key, ylabel="ACC drop (points)", title="clean accuracy drop")
-    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside lower center", ncol=3, fontsize=8)
+    attacks, columns = sorted(means["attack"].unique()), sorted(means["column"].unique())
+    colour = dict(zip(columns, plt.get_cmap("tab10" if len(columns) <= 10 else "tab20").colors))
+    # one row of panels per attack, a defense keeps its colour in every row
+    fig, grid = plt.subplots(len(attacks), 2, figsize=(10, 1.2 + 3.6 * len(attacks)), layout="constrained",
+                             squeeze=False)
+    for axes, attack in zip(grid, attacks):
+        rows_of_attack = means[means["attack"] == attack]
+        for column, rows in rows_of_attack.groupby("column"):
+            rows = rows.sort_values(key)
+            axes[0].plot(rows[key], rows["asr"], marker="o", color=colour[column], label=column)
+            axes[1].plot(rows[key], rows["acc_drop"], marker="o", color=colour[column], label=column)
+        reference = rows_of_attack.drop_duplicates(key).sort_values(key)
+        axes[0].plot(reference[key], reference["ref_asr"], "k--", label="no defense")
+        axes[0].axhline(20, color="grey", lw=0.8)
+        axes[1].axhline(10, color="grey", lw=0.8)
+        axes[0].set(xlabel=key, ylabel="ASR (%)", title=f"{attack}: attack success rate")
+        axes[1].set(xlabel=key, ylabel="ACC drop (points)", title=f"{attack}: clean accuracy drop")
+    handles = {label: h for axes in grid for h, label in zip(*axes[0].get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="outside lower center", ncol=3, fontsize=8)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=120)
     plt.close(fig)
