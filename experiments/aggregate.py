@@ -119,6 +119,12 @@ def column_label(row, defense_keys) -> str:
     return row["defense"] if not parts else f"{row['defense']}[{','.join(parts)}]"
 
 
+def defense_labels(df: pd.DataFrame, leave_out: tuple[str, ...] = ()) -> pd.Series:
+    """Each job's results.md column label (`otbr[fusion.mode=none]`), without the `leave_out` keys."""
+    keys = [k for k in split_settings(df)[1] if k not in leave_out]
+    return pd.Series([column_label(row, keys) for _, row in df.iterrows()], index=df.index, dtype=object)
+
+
 def mean_std(values: pd.Series) -> str:
     values = values.dropna()
     if values.empty:
@@ -134,9 +140,8 @@ def natural_key(text: str) -> tuple:
 def result_tables(df: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(wide table of strings: rows model cells, columns defense x ACC/ASR, mean +- std over seeds;
     per-defense summary: successes, jobs, average ACC / ASR drops; attack-failed and failed jobs left out)."""
-    model_keys, defense_keys = split_settings(df)
-    rows = MODEL_KEYS + model_keys
-    df = df.assign(column=[column_label(r, defense_keys) for _, r in df.iterrows()])
+    rows = MODEL_KEYS + split_settings(df)[0]
+    df = df.assign(column=defense_labels(df))
     finished = df[df["status"] == "finished"]
     # "none" is every job's reference: the same backdoored model's no-defense metrics, once per seed
     reference = finished.drop_duplicates(rows + ["seed"]).assign(column="none", acc=lambda d: d["ref_acc"],
@@ -182,9 +187,7 @@ def parameter_sweep_view(df: pd.DataFrame) -> str | None:
         acc=("acc", mean_std), asr=("asr", mean_std), ra=("ra", mean_std), pruned_acc=("pruned_acc", mean_std),
         pruned_asr=("pruned_asr", mean_std), successes=("success", "sum"), jobs=("success", "size"),
         **({"pruned_successes": ("pruned_success", "sum")} if has_pruned else {}))
-    table = table.reset_index()
-    order = sorted(table.index, key=lambda i: tuple(natural_key(table.loc[i, k]) for k in MODEL_KEYS + defense_keys))
-    table = table.loc[order]
+    table = table.reset_index().sort_values(MODEL_KEYS + defense_keys, key=lambda s: s.map(natural_key))
     return table.rename(columns={k: k.removeprefix("defense.") for k in defense_keys}).to_markdown(index=False)
 
 

@@ -17,16 +17,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from experiments.aggregate import column_label, load_records, split_settings
+from experiments.aggregate import defense_labels, load_records
 
 PAPER_DIR = Path(__file__).resolve().parents[1] / "results" / "paper"
-
-
-def defense_labels(df: pd.DataFrame, leave_out: tuple[str, ...] = ()) -> pd.Series:
-    """Each job's defense label as in results.md (`otbr[fusion.mode=none]`), without the `leave_out` keys."""
-    _, defense_keys = split_settings(df)
-    keys = [k for k in defense_keys if k not in leave_out]
-    return pd.Series([column_label(row, keys) for _, row in df.iterrows()], index=df.index, dtype=object)
 
 
 def our_means(df: pd.DataFrame) -> pd.DataFrame:
